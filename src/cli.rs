@@ -1,0 +1,478 @@
+//! The `mirrorfs` command: argument parsing, `init`, and `mount` (foreground or daemon).
+//!
+//! Every failure is reported as one line on stderr, `mirrorfs: <what went wrong>`, with a
+//! non-zero exit status, and is detected before anything is changed on disk.
+//!
+//! `mount` without `-f` starts a copy of itself in the foreground mode, in a new session,
+//! and waits until that copy reports over a pipe that the mount is live (or why it failed).
+//! This is also how `mount.fuse3` runs it for an fstab line of type `fuse.mirrorfs`: it calls
+//! `mirrorfs SOURCE MOUNTPOINT -o OPTIONS`, which is read as `mirrorfs mount ...`.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use fuser::{MountOption, SessionACL};
+use log::info;
+
+use crate::fs::Fs;
+use crate::fuse::MirrorFuse;
+use crate::layout::{MemberRecord, Superblock, DEFAULT_BLOCK_SIZE, FORMAT_VERSION, MAGIC};
+use crate::layout::{ROOT_INO, SUPERBLOCK_KEY};
+use crate::mirror::{Mirror, MirrorOptions, Mutation};
+use crate::store::{LocalStore, Store};
+
+/// Environment variable through which a daemonised mount reports readiness.
+const READY_FD_ENV: &str = "MIRRORFS_READY_FD";
+
+#[derive(Parser, Debug)]
+#[command(name = "mirrorfs", version, about = "A FUSE filesystem mirrored over several backends")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Format empty directories as the backends of one new mirror.
+    Init {
+        /// Backend directories (each must exist and be empty).
+        #[arg(required = true, value_name = "BACKEND")]
+        backends: Vec<PathBuf>,
+    },
+    /// Mount a mirror: `mirrorfs mount BACKEND... MOUNTPOINT` (or `a:b:c MOUNTPOINT`).
+    Mount(MountArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MountArgs {
+    /// Stay in the foreground (Ctrl-C unmounts).
+    #[arg(short = 'f', long)]
+    foreground: bool,
+    /// Mount options, comma-separated (as mount.fuse3 passes them).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Refuse writes (EROFS) while fewer than N backends are optimal.
+    #[arg(long, value_name = "N")]
+    min_optimal: Option<usize>,
+    /// Degrade a backend that does not answer within SECS seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Backends, then the mount point; a backend argument may be a colon-separated list.
+    #[arg(required = true, num_args = 1.., value_name = "BACKEND... MOUNTPOINT")]
+    paths: Vec<PathBuf>,
+}
+
+/// A one-line failure for the user.
+struct Fail(String);
+
+impl<E: std::fmt::Display> From<E> for Fail {
+    fn from(e: E) -> Fail {
+        Fail(e.to_string())
+    }
+}
+
+/// Entry point of the binary; returns the exit status.
+pub fn main() -> i32 {
+    let args = implicit_mount(std::env::args_os().collect());
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(e),
+    };
+    let result = match cli.command {
+        Command::Init { backends } => init(&backends),
+        Command::Mount(args) => mount(args),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(Fail(msg)) => {
+            // A daemonised mount tells its waiting parent, which prints the message.
+            if !report_ready(Err(&msg)) {
+                eprintln!("mirrorfs: {msg}");
+            }
+            1
+        }
+    }
+}
+
+/// `mirrorfs SOURCE MOUNTPOINT -o OPTS` (as run by mount.fuse3) means `mirrorfs mount ...`.
+fn implicit_mount(mut args: Vec<OsString>) -> Vec<OsString> {
+    let subcommands = ["init", "mount", "help"];
+    if let Some(first) = args.get(1).and_then(|a| a.to_str().map(str::to_owned)) {
+        if !first.starts_with('-') && !subcommands.contains(&first.as_str()) {
+            args.insert(1, "mount".into());
+        }
+    } else if args.get(1).is_some() {
+        args.insert(1, "mount".into());
+    }
+    args
+}
+
+/// Prints clap's error as a single line (help and version are printed as they are).
+fn clap_error(e: clap::Error) -> i32 {
+    use clap::error::{ContextKind, ErrorKind};
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            return 0;
+        }
+        ErrorKind::MissingRequiredArgument | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let what = e
+                .get(ContextKind::InvalidArg)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "a command (init or mount)".into());
+            eprintln!("mirrorfs: missing argument: {what}");
+        }
+        _ => {
+            let text = e.render().to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("mirrorfs: {}", line.trim_start_matches("error: "));
+        }
+    }
+    2
+}
+
+// ----- init ------------------------------------------------------------------------------
+
+fn init(backends: &[PathBuf]) -> Result<(), Fail> {
+    let mut stores = Vec::new();
+    for path in backends {
+        if !path.exists() {
+            return Err(Fail(format!("backend {} does not exist", path.display())));
+        }
+        if !path.is_dir() {
+            return Err(Fail(format!("backend {} is not a directory", path.display())));
+        }
+        let mut entries = std::fs::read_dir(path)
+            .map_err(|e| Fail(format!("backend {}: {e}", path.display())))?;
+        if entries.next().is_some() {
+            return Err(Fail(format!("backend {} is not empty", path.display())));
+        }
+        let store = LocalStore::open(path).map_err(|e| Fail(format!("{}: {e}", path.display())))?;
+        if stores.iter().any(|s: &LocalStore| s.root() == store.root()) {
+            return Err(Fail(format!("backend {} is given twice", path.display())));
+        }
+        stores.push(store);
+    }
+
+    let members: Vec<MemberRecord> = stores
+        .iter()
+        .enumerate()
+        .map(|(i, s)| MemberRecord { id: i as u32, location: s.describe(), degraded: String::new() })
+        .collect();
+    let sb = Superblock {
+        magic: MAGIC.into(),
+        format_version: FORMAT_VERSION,
+        fs_uuid: uuid::Uuid::new_v4().to_string(),
+        member_id: 0,
+        generation: 1,
+        members,
+        clean: true,
+        next_ino: ROOT_INO + 1,
+        block_size: DEFAULT_BLOCK_SIZE,
+    };
+    // SAFETY: getuid/getgid have no preconditions and cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    for (i, store) in stores.iter().enumerate() {
+        if let Err(e) = format_one(store, &sb, i as u32, uid, gid) {
+            for s in &stores {
+                clean_backend(s);
+            }
+            return Err(Fail(format!("cannot format {}: {e}", store.describe())));
+        }
+    }
+    println!("formatted {} backend(s) as mirror {}", stores.len(), sb.fs_uuid);
+    Ok(())
+}
+
+fn format_one(
+    store: &LocalStore,
+    sb: &Superblock,
+    member: u32,
+    uid: u32,
+    gid: u32,
+) -> Result<(), crate::store::StoreError> {
+    for m in Fs::root_batch(uid, gid) {
+        if let Mutation::Put { key, data } = m {
+            store.put(&key, &data)?;
+        }
+    }
+    let mut own = sb.clone();
+    own.member_id = member;
+    store.put(SUPERBLOCK_KEY, &own.encode())?;
+    store.sync()
+}
+
+/// Removes what a failed init wrote, leaving the directory empty again.
+fn clean_backend(store: &LocalStore) {
+    if let Ok(entries) = std::fs::read_dir(store.root()) {
+        for entry in entries.flatten() {
+            let p = entry.path();
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+    }
+}
+
+// ----- mount -----------------------------------------------------------------------------
+
+/// What the `-o` options asked for.
+#[derive(Default)]
+struct MountSettings {
+    fuse: Vec<MountOption>,
+    acl: Option<SessionACL>,
+    read_only: bool,
+    degraded: bool,
+    min_optimal: Option<usize>,
+    timeout: Option<f64>,
+}
+
+fn parse_options(opts: &[String]) -> Result<MountSettings, Fail> {
+    let mut s = MountSettings::default();
+    for opt in opts.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        match (key, value) {
+            ("ro", None) => s.read_only = true,
+            ("rw", None) => s.read_only = false,
+            ("allow_other", None) => s.acl = Some(SessionACL::All),
+            ("allow_root", None) => s.acl = Some(SessionACL::RootAndOwner),
+            ("auto_unmount", None) => s.fuse.push(MountOption::AutoUnmount),
+            ("dev", None) => s.fuse.push(MountOption::Dev),
+            ("nodev", None) => s.fuse.push(MountOption::NoDev),
+            ("suid", None) => s.fuse.push(MountOption::Suid),
+            ("nosuid", None) => s.fuse.push(MountOption::NoSuid),
+            ("exec", None) => s.fuse.push(MountOption::Exec),
+            ("noexec", None) => s.fuse.push(MountOption::NoExec),
+            ("atime", None) => s.fuse.push(MountOption::Atime),
+            ("noatime", None) => s.fuse.push(MountOption::NoAtime),
+            ("sync", None) => s.fuse.push(MountOption::Sync),
+            ("async", None) => s.fuse.push(MountOption::Async),
+            ("dirsync", None) => s.fuse.push(MountOption::DirSync),
+            ("fsname", Some(v)) => s.fuse.push(MountOption::FSName(v.into())),
+            ("subtype", Some(v)) => s.fuse.push(MountOption::Subtype(v.into())),
+            ("degraded", None) => s.degraded = true,
+            ("min_optimal", Some(v)) => {
+                s.min_optimal = Some(v.parse().map_err(|_| Fail(format!("bad value: {opt}")))?)
+            }
+            ("timeout", Some(v)) => {
+                s.timeout = Some(v.parse().map_err(|_| Fail(format!("bad value: {opt}")))?)
+            }
+            // Accepted and ignored: permission checks are always done by the kernel, and
+            // these are fstab/mount(8) options that mount.fuse3 may pass through.
+            ("default_permissions" | "relatime" | "defaults" | "nofail" | "_netdev", None)
+            | ("auto" | "noauto" | "user" | "users" | "nouser", None) => {}
+            (k, _) if k.starts_with("x-") || k.starts_with("comment=") => {}
+            _ => return Err(Fail(format!("unknown mount option: {opt}"))),
+        }
+    }
+    Ok(s)
+}
+
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&want))
+}
+
+fn unescape_mountinfo(field: &str) -> String {
+    field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+}
+
+fn mount(args: MountArgs) -> Result<(), Fail> {
+    if args.paths.len() < 2 {
+        return Err(Fail("missing argument: give at least one backend and a mount point".into()));
+    }
+    let mut settings = parse_options(&args.options)?;
+    settings.min_optimal = args.min_optimal.or(settings.min_optimal);
+    settings.timeout = args.timeout.or(settings.timeout);
+    let (mnt, backend_args) = args.paths.split_last().expect("two or more paths");
+    let backends: Vec<PathBuf> = backend_args
+        .iter()
+        .flat_map(|p| {
+            let s = p.to_string_lossy().into_owned();
+            s.split(':').filter(|x| !x.is_empty()).map(PathBuf::from).collect::<Vec<_>>()
+        })
+        .collect();
+    if backends.is_empty() {
+        return Err(Fail("no backend given".into()));
+    }
+    check_mountpoint(mnt)?;
+    if !args.foreground {
+        return daemonize();
+    }
+    run_foreground(&backends, mnt, settings)
+}
+
+fn check_mountpoint(mnt: &Path) -> Result<(), Fail> {
+    if !mnt.exists() {
+        return Err(Fail(format!("mount point {} does not exist", mnt.display())));
+    }
+    if !mnt.is_dir() {
+        return Err(Fail(format!("mount point {} is not a directory", mnt.display())));
+    }
+    let canon = mnt.canonicalize()?;
+    if is_mount_point(&canon) {
+        return Err(Fail(format!("mount point {} is busy: already mounted", mnt.display())));
+    }
+    Ok(())
+}
+
+fn open_stores(backends: &[PathBuf]) -> Result<Vec<(String, Arc<dyn Store>)>, Fail> {
+    let mut stores: Vec<(String, Arc<dyn Store>)> = Vec::new();
+    for b in backends {
+        if !b.exists() {
+            return Err(Fail(format!("backend {} does not exist", b.display())));
+        }
+        let store = LocalStore::open(b).map_err(|e| Fail(format!("backend {}: {e}", b.display())))?;
+        stores.push((b.display().to_string(), Arc::new(store)));
+    }
+    Ok(stores)
+}
+
+fn run_foreground(backends: &[PathBuf], mnt: &Path, s: MountSettings) -> Result<(), Fail> {
+    let stores = open_stores(backends)?;
+    let mut opts = MirrorOptions {
+        read_only: s.read_only,
+        allow_missing: s.degraded,
+        ..MirrorOptions::default()
+    };
+    if let Some(n) = s.min_optimal {
+        opts.min_optimal = n;
+    }
+    if let Some(t) = s.timeout {
+        if !(t > 0.0 && t.is_finite()) {
+            return Err(Fail(format!("bad timeout: {t}")));
+        }
+        opts.timeout = Duration::from_secs_f64(t);
+    }
+    let mirror = Arc::new(Mirror::open(stores, opts)?);
+    let fs = Arc::new(Fs::new(mirror).map_err(|e| Fail(format!("cannot read the root: {e}")))?);
+
+    let mut config = fuser::Config::default();
+    let source: Vec<String> = backends.iter().map(|b| b.display().to_string()).collect();
+    config.mount_options = vec![
+        MountOption::FSName(source.join(":")),
+        MountOption::Subtype("mirrorfs".into()),
+        MountOption::DefaultPermissions,
+    ];
+    config.mount_options.extend(s.fuse);
+    if s.read_only {
+        config.mount_options.push(MountOption::RO);
+    }
+    config.acl = s.acl.unwrap_or(SessionACL::Owner);
+    config.n_threads = Some(1);
+
+    let mut session = fuser::Session::new(MirrorFuse::new(fs), mnt, &config)
+        .map_err(|e| Fail(format!("cannot mount on {}: {e}", mnt.display())))?;
+    info!("mounted {} on {}", source.join(", "), mnt.display());
+    let unmounter = session.unmount_callable();
+    spawn_signal_handler(unmounter, mnt.to_path_buf())?;
+    let _ = report_ready(Ok(()));
+    session.run().map_err(|e| Fail(format!("session ended with an error: {e}")))?;
+    info!("unmounted {}", mnt.display());
+    Ok(())
+}
+
+/// SIGINT, SIGTERM and SIGHUP unmount the filesystem; the session then ends normally.
+fn spawn_signal_handler(mut unmounter: fuser::SessionUnmounter, mnt: PathBuf) -> Result<(), Fail> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        for sig in signals.forever() {
+            info!("signal {sig}: unmounting {}", mnt.display());
+            if let Err(e) = unmounter.unmount() {
+                log::warn!("unmount of {} failed: {e}; retrying lazily", mnt.display());
+                let _ = std::process::Command::new("fusermount3").arg("-uz").arg(&mnt).status();
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// Tells a waiting parent (see [`daemonize`]) that the mount is live, or why it is not.
+/// Returns false when there is no waiting parent.
+fn report_ready(result: Result<(), &str>) -> bool {
+    let Some(fd) = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok()) else {
+        return false;
+    };
+    std::env::remove_var(READY_FD_ENV);
+    // SAFETY: the fd was created for us by the parent and is used only here, once.
+    let mut pipe = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let msg = match result {
+        Ok(()) => "ok\n".to_string(),
+        Err(m) => format!("{m}\n"),
+    };
+    let _ = pipe.write_all(msg.as_bytes());
+    if result.is_ok() {
+        detach_stdio();
+    }
+    true
+}
+
+/// Points stdin, stdout and stderr at /dev/null so that a daemon holds no caller's pipe.
+fn detach_stdio() {
+    let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") else {
+        return;
+    };
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors of this process with a valid source fd.
+        unsafe { libc::dup2(null.as_raw_fd(), fd) };
+    }
+}
+
+/// Runs this same command again in the foreground, in a new session, and waits until it
+/// says the mount is live.
+fn daemonize() -> Result<(), Fail> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills the two-element array we pass.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Fail(format!("pipe: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: both fds were just created by pipe2 and are owned here.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // The child must inherit the write end: clear its close-on-exec flag.
+    // SAFETY: fcntl on an fd we own.
+    unsafe { libc::fcntl(write_end.as_raw_fd(), libc::F_SETFD, 0) };
+
+    let mut args: Vec<OsString> = implicit_mount(std::env::args_os().collect());
+    let pos = args.iter().position(|a| a == "mount").expect("mount subcommand");
+    args.insert(pos + 1, "-f".into());
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(&args[1..])
+        .env(READY_FD_ENV, write_end.as_raw_fd().to_string())
+        // Only warnings reach the terminal before the daemon detaches from it.
+        .env("MIRRORFS_LOG", std::env::var("MIRRORFS_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe and only detaches the child from our terminal.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    drop(write_end);
+
+    let mut answer = String::new();
+    let _ = std::fs::File::from(read_end).read_to_string(&mut answer);
+    match answer.lines().next() {
+        Some("ok") => Ok(()),
+        Some(msg) => {
+            let _ = child.wait();
+            Err(Fail(msg.trim_start_matches("mirrorfs: ").to_string()))
+        }
+        None => {
+            let status = child.wait()?;
+            Err(Fail(format!("mount process exited before the mount was live ({status})")))
+        }
+    }
+}

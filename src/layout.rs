@@ -1,0 +1,318 @@
+//! The object layout: which objects a filesystem is made of, their keys and encodings.
+//!
+//! Every backend holds the same objects (except that each superblock names its own member):
+//!
+//! | key                                   | content                                        |
+//! |---------------------------------------|------------------------------------------------|
+//! | `superblock`                          | [`Superblock`], JSON                           |
+//! | `i/<ino % 256>/<ino>`                 | [`InodeRecord`]: attributes, xattrs, symlink   |
+//! | `d/<parent % 256>/<parent>/<hash>`    | [`DirentRecord`]: one entry of a directory     |
+//! | `b/<ino % 256>/<ino>/<index>`         | bytes `[index * block_size, ...)` of a file    |
+//!
+//! Numbers are lower-case hex. `<hash>` is the first 128 bits of the BLAKE3 hash of the entry
+//! name, so that names of up to 255 arbitrary bytes become short, fixed-size keys; the name
+//! itself is stored inside the entry.
+//!
+//! Consequences the design relies on:
+//! - Creating, removing or renaming an entry touches the entry objects, the inode and the
+//!   parent inodes: a constant number of objects, whatever the size of the directory.
+//! - File data is keyed by inode number, never by name, so no rename copies data.
+//! - A data block is written in place with a ranged write, so a 4 KiB write into a large
+//!   file changes about 4 KiB on a local directory store. A block that does not exist, or
+//!   bytes past its end, read as zeros: this is how holes are represented.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of this layout, recorded in every superblock.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Magic string identifying a mirrorfs superblock.
+pub const MAGIC: &str = "mirrorfs";
+
+/// Key of the superblock object.
+pub const SUPERBLOCK_KEY: &str = "superblock";
+
+/// Inode number of the root directory (fixed by FUSE).
+pub const ROOT_INO: u64 = 1;
+
+/// Default size of a data block.
+pub const DEFAULT_BLOCK_SIZE: u64 = 1 << 20;
+
+/// Key of an inode object.
+pub fn inode_key(ino: u64) -> String {
+    format!("i/{:02x}/{:016x}", ino & 0xff, ino)
+}
+
+/// Prefix under which all entries of directory `parent` live.
+pub fn dir_prefix(parent: u64) -> String {
+    format!("d/{:02x}/{:016x}/", parent & 0xff, parent)
+}
+
+/// Key of the entry `name` in directory `parent`.
+pub fn dirent_key(parent: u64, name: &[u8]) -> String {
+    let hash = blake3::hash(name);
+    let short = &hash.as_bytes()[..16];
+    let mut key = dir_prefix(parent);
+    for b in short {
+        key.push_str(&format!("{b:02x}"));
+    }
+    key
+}
+
+/// Key of data block `index` of file `ino`.
+pub fn block_key(ino: u64, index: u64) -> String {
+    format!("b/{:02x}/{:016x}/{:08x}", ino & 0xff, ino, index)
+}
+
+/// Prefix of all data blocks of file `ino`.
+pub fn block_prefix(ino: u64) -> String {
+    format!("b/{:02x}/{:016x}/", ino & 0xff, ino)
+}
+
+/// Parses the block index out of a key produced by [`block_key`].
+pub fn block_index(key: &str) -> Option<u64> {
+    u64::from_str_radix(key.rsplit('/').next()?, 16).ok()
+}
+
+/// The kinds of inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+impl Kind {
+    /// The `S_IFMT` bits of this kind.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            Kind::File => libc::S_IFREG,
+            Kind::Dir => libc::S_IFDIR,
+            Kind::Symlink => libc::S_IFLNK,
+            Kind::Fifo => libc::S_IFIFO,
+            Kind::Socket => libc::S_IFSOCK,
+            Kind::CharDev => libc::S_IFCHR,
+            Kind::BlockDev => libc::S_IFBLK,
+        }
+    }
+
+    /// The kind named by the `S_IFMT` bits of `mode`.
+    pub fn from_mode(mode: u32) -> Option<Kind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => return None,
+        })
+    }
+}
+
+/// A point in time, as seconds and nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nsecs: u32,
+}
+
+impl Timestamp {
+    /// The current time.
+    pub fn now() -> Timestamp {
+        Timestamp::from_system(std::time::SystemTime::now())
+    }
+
+    /// Converts from `SystemTime`, including times before the epoch.
+    pub fn from_system(t: std::time::SystemTime) -> Timestamp {
+        match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => Timestamp { secs: d.as_secs() as i64, nsecs: d.subsec_nanos() },
+            Err(e) => {
+                let d = e.duration();
+                let mut secs = -(d.as_secs() as i64);
+                let mut nsecs = d.subsec_nanos();
+                if nsecs > 0 {
+                    secs -= 1;
+                    nsecs = 1_000_000_000 - nsecs;
+                }
+                Timestamp { secs, nsecs }
+            }
+        }
+    }
+
+    /// Converts to `SystemTime`.
+    pub fn to_system(self) -> std::time::SystemTime {
+        let base = std::time::UNIX_EPOCH;
+        if self.secs >= 0 {
+            base + std::time::Duration::new(self.secs as u64, self.nsecs)
+        } else {
+            base - std::time::Duration::from_secs(self.secs.unsigned_abs())
+                + std::time::Duration::from_nanos(self.nsecs as u64)
+        }
+    }
+}
+
+/// One inode, as stored in its object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InodeRecord {
+    pub ino: u64,
+    pub kind: Kind,
+    /// Permission bits including set-uid, set-gid and sticky (`0o7777`).
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub crtime: Timestamp,
+    /// For a directory, the directory that holds it (the root is its own parent).
+    #[serde(default)]
+    pub parent: u64,
+    /// Target of a symbolic link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Vec<u8>>,
+    /// Extended attributes, sorted by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl InodeRecord {
+    /// A new inode with all times set to now.
+    pub fn new(ino: u64, kind: Kind, perm: u32, uid: u32, gid: u32) -> InodeRecord {
+        let now = Timestamp::now();
+        InodeRecord {
+            ino,
+            kind,
+            perm: perm & 0o7777,
+            uid,
+            gid,
+            size: 0,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            rdev: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            parent: 0,
+            target: None,
+            xattrs: Vec::new(),
+        }
+    }
+
+    /// Serialises the record for storage.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("inode serialises")
+    }
+
+    /// Parses a stored record.
+    pub fn decode(data: &[u8]) -> Result<InodeRecord, serde_json::Error> {
+        serde_json::from_slice(data)
+    }
+}
+
+/// One directory entry, as stored in its object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirentRecord {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub kind: Kind,
+}
+
+impl DirentRecord {
+    /// Serialises the record for storage.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("dirent serialises")
+    }
+
+    /// Parses a stored record.
+    pub fn decode(data: &[u8]) -> Result<DirentRecord, serde_json::Error> {
+        serde_json::from_slice(data)
+    }
+}
+
+/// One member of the mirror as recorded in the superblocks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub id: u32,
+    /// Where the member was last seen (a path or URL), for messages only.
+    pub location: String,
+    /// Empty when the member was optimal at the last superblock write; otherwise why not.
+    #[serde(default)]
+    pub degraded: String,
+}
+
+/// The self-description every backend carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Superblock {
+    pub magic: String,
+    pub format_version: u32,
+    pub fs_uuid: String,
+    /// Which member of the mirror this backend is.
+    pub member_id: u32,
+    /// Bumped every time the set of optimal members changes; identical on every optimal
+    /// member. A backend with a lower generation missed writes.
+    pub generation: u64,
+    /// The member table as of `generation`.
+    pub members: Vec<MemberRecord>,
+    /// True when the filesystem was unmounted cleanly.
+    pub clean: bool,
+    /// Inode numbers below this may be in use; new ones are reserved above it.
+    pub next_ino: u64,
+    pub block_size: u64,
+}
+
+impl Superblock {
+    /// Serialises the superblock for storage.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("superblock serialises")
+    }
+
+    /// Parses a stored superblock, checking its magic and version.
+    pub fn decode(data: &[u8]) -> Result<Superblock, String> {
+        let sb: Superblock =
+            serde_json::from_slice(data).map_err(|e| format!("unreadable superblock: {e}"))?;
+        if sb.magic != MAGIC {
+            return Err("not a mirrorfs superblock".into());
+        }
+        if sb.format_version != FORMAT_VERSION {
+            return Err(format!(
+                "format version {} is not supported (this build reads {FORMAT_VERSION})",
+                sb.format_version
+            ));
+        }
+        Ok(sb)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_short_and_distinct() {
+        let long = vec![0xffu8; 255];
+        let k = dirent_key(7, &long);
+        assert!(k.len() < 80, "{k}");
+        assert_ne!(dirent_key(7, b"a"), dirent_key(7, b"b"));
+        assert!(k.starts_with(&dir_prefix(7)));
+        assert_eq!(block_index(&block_key(3, 0x1234)), Some(0x1234));
+        assert!(block_key(3, 1).starts_with(&block_prefix(3)));
+    }
+
+    #[test]
+    fn timestamps_round_trip_before_epoch() {
+        let t = Timestamp { secs: -5, nsecs: 250 };
+        assert_eq!(Timestamp::from_system(t.to_system()), t);
+        let t = Timestamp { secs: 1_700_000_000, nsecs: 999_999_999 };
+        assert_eq!(Timestamp::from_system(t.to_system()), t);
+    }
+}

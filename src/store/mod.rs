@@ -1,0 +1,108 @@
+//! The store layer: the only thing the mirror knows about a backend.
+//!
+//! A store is a flat namespace of objects named by `/`-separated keys. Keys are produced by
+//! [`crate::layout`] and are always made of `[0-9a-z._/-]`, so every store can map them to its
+//! own naming without escaping.
+//!
+//! Guarantees every implementation gives:
+//! - [`Store::put`] replaces an object atomically: a reader (or a crash) sees the old or the
+//!   new content, never a mix.
+//! - [`Store::write_at`] and [`Store::truncate`] change a byte range in place where the store
+//!   can do that ([`Store::ranged_writes`]); they are not atomic against a crash, which is why
+//!   the layout only uses them for file data.
+//! - Nothing is guaranteed durable until [`Store::sync`] returns: it is the durability barrier
+//!   for every mutation that returned before it was called.
+//! - "Not found" is an answer, not a failure: [`StoreError::NotFound`] never degrades a
+//!   backend.
+
+mod fault;
+mod local;
+mod memory;
+
+pub use fault::{FaultKind, FaultStore, Op};
+pub use local::LocalStore;
+pub use memory::MemoryStore;
+
+use std::io;
+
+/// Why a store operation did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The object does not exist. An expected answer, never a backend failure.
+    #[error("object not found")]
+    NotFound,
+    /// The store cannot perform this kind of operation (e.g. ranged writes on a bucket).
+    #[error("operation not supported by this store")]
+    Unsupported,
+    /// The store is full.
+    #[error("no space left on backend")]
+    NoSpace,
+    /// Any other I/O failure.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl StoreError {
+    /// Converts an `io::Error`, keeping "not found" and "no space" distinguishable.
+    pub fn from_io(e: io::Error) -> StoreError {
+        match e.kind() {
+            io::ErrorKind::NotFound => StoreError::NotFound,
+            io::ErrorKind::StorageFull => StoreError::NoSpace,
+            _ => StoreError::Io(e),
+        }
+    }
+
+    /// True for outcomes that are answers rather than failures of the backend.
+    pub fn is_expected(&self) -> bool {
+        matches!(self, StoreError::NotFound)
+    }
+}
+
+/// Result type of store operations.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One backend's object storage. Implementations are shared between threads.
+pub trait Store: Send + Sync {
+    /// A human-readable description used in logs and status (e.g. the directory path).
+    fn describe(&self) -> String;
+
+    /// Reads a whole object.
+    fn get(&self, key: &str) -> StoreResult<Vec<u8>>;
+
+    /// Reads up to `len` bytes at `offset`; returns fewer bytes at the end of the object.
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> StoreResult<Vec<u8>>;
+
+    /// Creates or atomically replaces a whole object.
+    fn put(&self, key: &str, data: &[u8]) -> StoreResult<()>;
+
+    /// Writes `data` at `offset`, creating the object if needed (a gap reads as zeros).
+    fn write_at(&self, key: &str, offset: u64, data: &[u8]) -> StoreResult<()>;
+
+    /// Sets the object's length, creating it if needed; growth reads as zeros.
+    fn truncate(&self, key: &str, len: u64) -> StoreResult<()>;
+
+    /// Removes an object. Removing a missing object returns [`StoreError::NotFound`].
+    fn delete(&self, key: &str) -> StoreResult<()>;
+
+    /// Lists the keys that start with `prefix`, in no particular order.
+    fn list(&self, prefix: &str) -> StoreResult<Vec<String>>;
+
+    /// Durability barrier: every mutation that returned before this call is on stable storage
+    /// when it returns.
+    fn sync(&self) -> StoreResult<()>;
+
+    /// True when `write_at` and `truncate` change bytes in place at a cost proportional to the
+    /// bytes written.
+    fn ranged_writes(&self) -> bool;
+
+    /// Takes an exclusive lock that is held until the returned guard is dropped, so that two
+    /// mounts never use one backend at once. Returns `Ok(None)` when the store cannot lock.
+    fn lock(&self) -> StoreResult<Option<Box<dyn Send + Sync>>> {
+        Ok(None)
+    }
+
+    /// Total and free bytes, when the store knows them.
+    fn space(&self) -> Option<(u64, u64)> {
+        None
+    }
+}
