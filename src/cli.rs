@@ -21,9 +21,7 @@ use log::info;
 
 use crate::fs::Fs;
 use crate::fuse::MirrorFuse;
-use crate::layout::{MemberRecord, Superblock, DEFAULT_BLOCK_SIZE, FORMAT_VERSION, MAGIC};
-use crate::layout::{ROOT_INO, SUPERBLOCK_KEY};
-use crate::mirror::{Mirror, MirrorOptions, Mutation};
+use crate::mirror::{Mirror, MirrorOptions};
 use crate::store::{LocalStore, Store};
 
 /// Environment variable through which a daemonised mount reports readiness.
@@ -159,57 +157,27 @@ fn init(backends: &[PathBuf]) -> Result<(), Fail> {
         stores.push(store);
     }
 
-    let members: Vec<MemberRecord> = stores
-        .iter()
-        .enumerate()
-        .map(|(i, s)| MemberRecord { id: i as u32, location: s.describe(), degraded: String::new() })
-        .collect();
-    let sb = Superblock {
-        magic: MAGIC.into(),
-        format_version: FORMAT_VERSION,
-        fs_uuid: uuid::Uuid::new_v4().to_string(),
-        member_id: 0,
-        generation: 1,
-        members,
-        clean: true,
-        next_ino: ROOT_INO + 1,
-        block_size: DEFAULT_BLOCK_SIZE,
-    };
     // SAFETY: getuid/getgid have no preconditions and cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    for (i, store) in stores.iter().enumerate() {
-        if let Err(e) = format_one(store, &sb, i as u32, uid, gid) {
-            for s in &stores {
-                clean_backend(s);
+    let described: Vec<(String, Arc<dyn Store>)> =
+        stores.into_iter().map(|s| (s.describe(), Arc::new(s) as Arc<dyn Store>)).collect();
+    match crate::mirror::format(&described, &Fs::root_batch(uid, gid)) {
+        Ok(uuid) => {
+            println!("formatted {} backend(s) as mirror {uuid}", described.len());
+            Ok(())
+        }
+        Err(e) => {
+            for (location, _) in &described {
+                clean_backend(Path::new(location));
             }
-            return Err(Fail(format!("cannot format {}: {e}", store.describe())));
+            Err(Fail(format!("cannot format the backends: {e}")))
         }
     }
-    println!("formatted {} backend(s) as mirror {}", stores.len(), sb.fs_uuid);
-    Ok(())
-}
-
-fn format_one(
-    store: &LocalStore,
-    sb: &Superblock,
-    member: u32,
-    uid: u32,
-    gid: u32,
-) -> Result<(), crate::store::StoreError> {
-    for m in Fs::root_batch(uid, gid) {
-        if let Mutation::Put { key, data } = m {
-            store.put(&key, &data)?;
-        }
-    }
-    let mut own = sb.clone();
-    own.member_id = member;
-    store.put(SUPERBLOCK_KEY, &own.encode())?;
-    store.sync()
 }
 
 /// Removes what a failed init wrote, leaving the directory empty again.
-fn clean_backend(store: &LocalStore) {
-    if let Ok(entries) = std::fs::read_dir(store.root()) {
+fn clean_backend(root: &Path) {
+    if let Ok(entries) = std::fs::read_dir(root) {
         for entry in entries.flatten() {
             let p = entry.path();
             let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
@@ -332,7 +300,7 @@ fn open_stores(backends: &[PathBuf]) -> Result<Vec<(String, Arc<dyn Store>)>, Fa
             return Err(Fail(format!("backend {} does not exist", b.display())));
         }
         let store = LocalStore::open(b).map_err(|e| Fail(format!("backend {}: {e}", b.display())))?;
-        stores.push((b.display().to_string(), Arc::new(store)));
+        stores.push((store.describe(), Arc::new(store)));
     }
     Ok(stores)
 }

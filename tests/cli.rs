@@ -58,7 +58,11 @@ impl Daemon {
             pat.push(ch);
         }
         pat.push_str("( |$)");
-        let out = Command::new("pgrep").arg("-f").arg(&pat).output().expect("run pgrep");
+        let out = Command::new("pgrep")
+            .arg("-f")
+            .arg(&pat)
+            .output()
+            .expect("run pgrep");
         String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
             .filter_map(|s| s.parse().ok())
@@ -94,7 +98,10 @@ impl Daemon {
             }
         }
         if is_mounted(&self.mnt) {
-            let _ = Command::new("fusermount3").arg("-uz").arg(&self.mnt).status();
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.mnt)
+                .status();
         }
         if self.wait_gone(Duration::from_secs(30)) {
             return true;
@@ -162,10 +169,18 @@ where
 #[track_caller]
 fn assert_refused(out: &Output, case: &str, needles: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{case}: expected failure, got {} ({err})", out.status);
+    assert!(
+        !out.status.success(),
+        "{case}: expected failure, got {} ({err})",
+        out.status
+    );
     let text = err.trim_end_matches('\n');
     assert!(!text.trim().is_empty(), "{case}: stderr is empty");
-    assert_eq!(text.lines().count(), 1, "{case}: stderr must be one line, got:\n{err}");
+    assert_eq!(
+        text.lines().count(),
+        1,
+        "{case}: stderr must be one line, got:\n{err}"
+    );
     let low = text.to_lowercase();
     assert!(
         needles.iter().any(|n| low.contains(&n.to_lowercase())),
@@ -199,7 +214,11 @@ fn init_refuses_non_empty_directory() {
     std::fs::create_dir(fx.backends[1].join(".hidden")).unwrap();
     let before = snapshot(fx.dir.path());
     let out = cli(std::iter::once("init".as_ref()).chain(fx.backend_args()));
-    assert_refused(&out, "init of a non-empty directory", &[&s(&fx.backends[1])]);
+    assert_refused(
+        &out,
+        "init of a non-empty directory",
+        &[&s(&fx.backends[1])],
+    );
     assert_eq!(before, snapshot(fx.dir.path()), "init changed something");
 }
 
@@ -239,11 +258,9 @@ fn init_refuses_unknown_flag() {
     let before = snapshot(fx.dir.path());
     let out = cli(std::iter::once("init".as_ref()).chain([std::ffi::OsStr::new("--bogus")]));
     assert_refused(&out, "init --bogus", &["bogus"]);
-    let out = cli(
-        std::iter::once("init".as_ref())
-            .chain([std::ffi::OsStr::new("--bogus")])
-            .chain(fx.backend_args()),
-    );
+    let out = cli(std::iter::once("init".as_ref())
+        .chain([std::ffi::OsStr::new("--bogus")])
+        .chain(fx.backend_args()));
     assert_refused(&out, "init --bogus BACKENDS", &["bogus"]);
     assert_eq!(before, snapshot(fx.dir.path()), "init changed something");
 }
@@ -267,9 +284,20 @@ fn assert_mount_refused(fx: &Fixture, argv: &[OsString], case: &str, needles: &[
         let out = cli(&full);
         let case = format!("{case} ({})", if foreground { "-f" } else { "background" });
         assert_refused(&out, &case, needles);
-        assert!(!is_mounted(&fx.mnt), "{case}: {} got mounted", fx.mnt.display());
-        assert!(guard.wait_gone(Duration::from_secs(10)), "{case}: a process is left over");
-        assert_eq!(before, snapshot(fx.dir.path()), "{case}: something changed on disk");
+        assert!(
+            !is_mounted(&fx.mnt),
+            "{case}: {} got mounted",
+            fx.mnt.display()
+        );
+        assert!(
+            guard.wait_gone(Duration::from_secs(10)),
+            "{case}: a process is left over"
+        );
+        assert_eq!(
+            before,
+            snapshot(fx.dir.path()),
+            "{case}: something changed on disk"
+        );
     }
 }
 
@@ -296,7 +324,11 @@ fn mount_refuses_unformatted_backend() {
 
     // One formatted and one empty directory: the empty one is not a member.
     let out = mirrorfs(["init".as_ref(), fx.backends[0].as_os_str()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_mount_refused(&fx, &argv, "mount with an unformatted backend", &needles);
 }
 
@@ -305,7 +337,11 @@ fn mount_refuses_backends_of_two_filesystems() {
     let fx = Fixture::unformatted(2);
     for b in &fx.backends {
         let out = mirrorfs(["init".as_ref(), b.as_os_str()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let argv = mount_args(&fx.backends, &fx.mnt);
     let needles = [
@@ -355,12 +391,19 @@ fn mount_refuses_busy_mountpoint() {
         argv.extend(mount_args(&other.backends, &fx.mnt));
         let out = cli(&argv);
         assert_refused(&out, "mount on a mounted mountpoint", &needles);
-        assert_eq!(before_other, snapshot(other.dir.path()), "other backends changed");
+        assert_eq!(
+            before_other,
+            snapshot(other.dir.path()),
+            "other backends changed"
+        );
     }
     // The first mount is unaffected and still the one at the mountpoint.
     assert_eq!(std::fs::read(m.path("mine")).unwrap(), b"first mount\n");
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let count = info.lines().filter(|l| l.split(' ').nth(4) == Some(&s(&fx.mnt))).count();
+    let count = info
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(&s(&fx.mnt)))
+        .count();
     assert_eq!(count, 1, "mountpoint stacked:\n{info}");
     m.unmount();
 }
@@ -434,11 +477,17 @@ fn mount_refuses_backends_mounted_elsewhere() {
             let case = format!("second mount of {backends:?} (fg={fg})");
             assert_refused(&out, &case, &needles);
             assert!(!is_mounted(&mnt2), "{case}: mounted twice");
-            assert!(guard.wait_gone(Duration::from_secs(10)), "{case}: process left over");
+            assert!(
+                guard.wait_gone(Duration::from_secs(10)),
+                "{case}: process left over"
+            );
         }
     }
     let backends_after: Vec<String> = fx.backends.iter().map(|b| snapshot(b)).collect();
-    assert_eq!(backends_before, backends_after, "refused mounts changed the backends");
+    assert_eq!(
+        backends_before, backends_after,
+        "refused mounts changed the backends"
+    );
     assert_eq!(std::fs::read_dir(&mnt2).unwrap().count(), 0);
 
     // The first mount still works.
@@ -486,7 +535,10 @@ fn fstab_example() -> (String, String, String, String) {
         .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>());
     let e = entries.next().expect("an entry in fstab.example");
     assert_eq!(e.len(), 6, "fstab entries have six fields: {e:?}");
-    assert!(entries.next().is_none(), "one entry expected in fstab.example");
+    assert!(
+        entries.next().is_none(),
+        "one entry expected in fstab.example"
+    );
     (e[0].clone(), e[1].clone(), e[2].clone(), e[3].clone())
 }
 
@@ -497,8 +549,15 @@ fn fstab_example() -> (String, String, String, String) {
 fn fstab_entry_mounts_through_mount_fuse3() {
     let (source, _, fstype, options) = fstab_example();
     assert_eq!(fstype, "fuse.mirrorfs");
-    assert_eq!(source.split(':').count(), 2, "example source lists two backends: {source}");
-    assert!(options.contains("nofail"), "example should not block boot: {options}");
+    assert_eq!(
+        source.split(':').count(),
+        2,
+        "example source lists two backends: {source}"
+    );
+    assert!(
+        options.contains("nofail"),
+        "example should not block boot: {options}"
+    );
 
     let fx = Fixture::new(2);
     let source = fx
@@ -522,7 +581,10 @@ fn fstab_entry_mounts_through_mount_fuse3() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(is_mounted(&fx.mnt), "mount.fuse3 returned before the mount was live");
+    assert!(
+        is_mounted(&fx.mnt),
+        "mount.fuse3 returned before the mount was live"
+    );
     assert!(!guard.pids().is_empty(), "no process serves the mount");
     if options.split(',').any(|o| o == "allow_other") {
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -530,12 +592,18 @@ fn fstab_entry_mounts_through_mount_fuse3() {
             .lines()
             .find(|l| l.split(' ').nth(4) == Some(&s(&fx.mnt)))
             .unwrap();
-        assert!(line.contains("allow_other"), "allow_other not applied: {line}");
+        assert!(
+            line.contains("allow_other"),
+            "allow_other not applied: {line}"
+        );
     }
 
     std::fs::create_dir(fx.mnt.join("dir")).unwrap();
     std::fs::write(fx.mnt.join("dir/file"), b"via fstab\n").unwrap();
-    assert_eq!(std::fs::read(fx.mnt.join("dir/file")).unwrap(), b"via fstab\n");
+    assert_eq!(
+        std::fs::read(fx.mnt.join("dir/file")).unwrap(),
+        b"via fstab\n"
+    );
 
     assert!(guard.stop(), "mirrorfs did not exit after fusermount3 -u");
     assert!(!is_mounted(&fx.mnt));
@@ -561,18 +629,37 @@ fn fstab_read_only_single_backend() {
         Command::new(mount_fuse3())
             .arg(&fx.backends[1])
             .arg(&fx.mnt)
-            .args(["-t", "fuse.mirrorfs", "-o", "ro,nodev,nosuid,noatime,_netdev"])
+            .args([
+                "-t",
+                "fuse.mirrorfs",
+                "-o",
+                "ro,nodev,nosuid,noatime,_netdev",
+            ])
             .env("PATH", path_with_bin()),
         Duration::from_secs(30),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(is_mounted(&fx.mnt));
-    assert_eq!(std::fs::read(fx.mnt.join("kept")).unwrap(), b"written read-write\n");
+    assert_eq!(
+        std::fs::read(fx.mnt.join("kept")).unwrap(),
+        b"written read-write\n"
+    );
     let err = std::fs::write(fx.mnt.join("new"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
     sh(&format!("umount {}", q(&fx.mnt)));
-    assert!(guard.wait_gone(Duration::from_secs(30)), "daemon still running after umount");
-    assert_eq!(before, snapshot(&fx.backends[1]), "read-only mount changed the backend");
+    assert!(
+        guard.wait_gone(Duration::from_secs(30)),
+        "daemon still running after umount"
+    );
+    assert_eq!(
+        before,
+        snapshot(&fx.backends[1]),
+        "read-only mount changed the backend"
+    );
 }
 
 /// Colon-separated backend list with options after the positionals, in the foreground.
@@ -592,7 +679,14 @@ fn colon_list_with_trailing_options_in_foreground() {
         .join(":");
     let guard = Daemon::new(&fx.mnt);
     let mut child = Command::new(bin())
-        .args(["mount", "-f", &source, &s(&fx.mnt), "-o", "ro,noatime,fsname=mirror-test"])
+        .args([
+            "mount",
+            "-f",
+            &source,
+            &s(&fx.mnt),
+            "-o",
+            "ro,noatime,fsname=mirror-test",
+        ])
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
@@ -605,7 +699,10 @@ fn colon_list_with_trailing_options_in_foreground() {
     assert_eq!(std::fs::read(fx.mnt.join("f")).unwrap(), b"abc");
     let err = std::fs::write(fx.mnt.join("f"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
-    assert!(guard.stop(), "foreground mirrorfs did not exit after fusermount3 -u");
+    assert!(
+        guard.stop(),
+        "foreground mirrorfs did not exit after fusermount3 -u"
+    );
     let status = child.wait().unwrap();
     assert!(status.success(), "mirrorfs -f exited with {status}");
 }
@@ -693,7 +790,10 @@ fn systemd_unit_commands_mount_and_stop() {
     let start = expand(&key(&unit, "ExecStart"));
     let stop = expand(&key(&unit, "ExecStop"));
     assert!(start[0].ends_with("/mirrorfs"), "{start:?}");
-    assert!(start.contains(&"-f".to_string()), "Type=simple needs the foreground: {start:?}");
+    assert!(
+        start.contains(&"-f".to_string()),
+        "Type=simple needs the foreground: {start:?}"
+    );
     assert!(stop[0].ends_with("/fusermount3"), "{stop:?}");
 
     let guard = Daemon::new(&fx.mnt);
@@ -704,22 +804,38 @@ fn systemd_unit_commands_mount_and_stop() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !is_mounted(&fx.mnt) {
-        assert!(child.try_wait().unwrap().is_none(), "ExecStart exited early");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "ExecStart exited early"
+        );
         assert!(Instant::now() < deadline, "mount did not become live");
         std::thread::sleep(Duration::from_millis(20));
     }
     std::fs::write(fx.mnt.join("unit"), b"ok").unwrap();
-    let out = Command::new("fusermount3").args(&stop[1..]).output().unwrap();
-    assert!(out.status.success(), "ExecStop: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("fusermount3")
+        .args(&stop[1..])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ExecStop: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
         }
-        assert!(Instant::now() < deadline, "ExecStart process still running after ExecStop");
+        assert!(
+            Instant::now() < deadline,
+            "ExecStart process still running after ExecStop"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(status.success(), "a failure status would make systemd restart it: {status}");
+    assert!(
+        status.success(),
+        "a failure status would make systemd restart it: {status}"
+    );
     drop(guard);
     let m = fx.mount();
     assert_eq!(std::fs::read(m.path("unit")).unwrap(), b"ok");

@@ -61,10 +61,16 @@ fn assert_libc_errno(r: Result<(), i32>, want: i32, what: &str) {
     }
 }
 
-fn renameat2(from: &Path, to: &Path, flags: u32) -> Result<(), i32> {
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> Result<(), i32> {
     let (a, b) = (c(from), c(to));
     check(unsafe {
-        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags as _)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
     } as i64)
 }
 
@@ -86,14 +92,25 @@ fn utimens(p: &Path, atime: (i64, i64), mtime: (i64, i64)) -> Result<(), i32> {
     ];
     let cp = c(p);
     check(unsafe {
-        libc::utimensat(libc::AT_FDCWD, cp.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+        libc::utimensat(
+            libc::AT_FDCWD,
+            cp.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
     } as i64)
 }
 
 fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> Result<(), i32> {
     let (cp, cn) = (c(p), cs(name));
     check(unsafe {
-        libc::setxattr(cp.as_ptr(), cn.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+        libc::setxattr(
+            cp.as_ptr(),
+            cn.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
     } as i64)
 }
 
@@ -155,7 +172,10 @@ fn chmod(p: &Path, m: u32) {
 }
 
 fn names_in(dir: &Path) -> Vec<OsString> {
-    let mut v: Vec<OsString> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut v: Vec<OsString> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     v.sort();
     v
 }
@@ -195,7 +215,10 @@ fn rename_replaces_files_and_empty_directories() {
     assert_eq!(fs::read(&b).unwrap(), b"contents of a");
     fs::hard_link(&b, m.path("b2")).unwrap();
     fs::rename(&b, m.path("b2")).unwrap();
-    assert!(b.exists() && m.path("b2").exists(), "rename between hard links is a no-op");
+    assert!(
+        b.exists() && m.path("b2").exists(),
+        "rename between hard links is a no-op"
+    );
     fs::remove_file(m.path("b2")).unwrap();
 
     // A directory replaces an empty directory.
@@ -207,21 +230,37 @@ fn rename_replaces_files_and_empty_directories() {
     fs::rename(&d1, &d2).unwrap();
     assert!(!d1.exists());
     assert_eq!(fs::read(d2.join("sub/inside")).unwrap(), b"inside");
-    assert_eq!(meta(&d2.join("sub/..")).ino(), meta(&d2).ino(), "'..' follows the move");
+    assert_eq!(
+        meta(&d2.join("sub/..")).ino(),
+        meta(&d2).ino(),
+        "'..' follows the move"
+    );
 
     // A directory onto a non-empty directory: ENOTEMPTY, both intact.
     let d3 = m.path("d3");
     fs::create_dir(&d3).unwrap();
     fs::write(d3.join("x"), b"x").unwrap();
-    assert_errno(fs::rename(&d3, &d2), libc::ENOTEMPTY, "dir onto non-empty dir");
+    assert_errno(
+        fs::rename(&d3, &d2),
+        libc::ENOTEMPTY,
+        "dir onto non-empty dir",
+    );
     assert_eq!(fs::read(d3.join("x")).unwrap(), b"x");
     assert_eq!(fs::read(d2.join("sub/inside")).unwrap(), b"inside");
 
     // Type mismatches and moving a directory into itself.
     assert_errno(fs::rename(&b, &d3), libc::EISDIR, "file onto dir");
     assert_errno(fs::rename(&d3, &b), libc::ENOTDIR, "dir onto file");
-    assert_errno(fs::rename(&d2, d2.join("sub/deeper")), libc::EINVAL, "dir into itself");
-    assert_errno(fs::rename(m.path("missing"), m.path("z")), libc::ENOENT, "missing source");
+    assert_errno(
+        fs::rename(&d2, d2.join("sub/deeper")),
+        libc::EINVAL,
+        "dir into itself",
+    );
+    assert_errno(
+        fs::rename(m.path("missing"), m.path("z")),
+        libc::ENOENT,
+        "missing source",
+    );
 
     // Across directories, then a directory with contents into another one.
     fs::rename(&b, d3.join("moved")).unwrap();
@@ -247,17 +286,17 @@ fn renameat2_noreplace_and_exchange() {
     fs::write(&a, b"A").unwrap();
     fs::write(&b, b"B").unwrap();
 
-    let r = renameat2(&a, &b, libc::RENAME_NOREPLACE as u32);
+    let r = renameat2(&a, &b, libc::RENAME_NOREPLACE);
     assert_libc_errno(r, libc::EEXIST, "RENAME_NOREPLACE onto an existing file");
     assert_eq!(fs::read(&a).unwrap(), b"A");
     assert_eq!(fs::read(&b).unwrap(), b"B");
-    renameat2(&a, &m.path("c"), libc::RENAME_NOREPLACE as u32).unwrap();
+    renameat2(&a, &m.path("c"), libc::RENAME_NOREPLACE).unwrap();
     assert!(!a.exists());
     assert_eq!(fs::read(m.path("c")).unwrap(), b"A");
 
     // Exchange two files.
     let (ino_b, ino_c) = (meta(&b).ino(), meta(&m.path("c")).ino());
-    renameat2(&b, &m.path("c"), libc::RENAME_EXCHANGE as u32).unwrap();
+    renameat2(&b, &m.path("c"), libc::RENAME_EXCHANGE).unwrap();
     assert_eq!(fs::read(&b).unwrap(), b"A");
     assert_eq!(fs::read(m.path("c")).unwrap(), b"B");
     assert_eq!(meta(&b).ino(), ino_c);
@@ -270,14 +309,18 @@ fn renameat2_noreplace_and_exchange() {
     fs::create_dir(m.path("p")).unwrap();
     let f = m.path("p/f");
     fs::write(&f, b"file").unwrap();
-    renameat2(&f, &d, libc::RENAME_EXCHANGE as u32).unwrap();
+    renameat2(&f, &d, libc::RENAME_EXCHANGE).unwrap();
     assert!(meta(&f).is_dir(), "p/f is now the directory");
     assert_eq!(fs::read(f.join("child")).unwrap(), b"child");
     assert!(meta(&d).is_file(), "d is now the file");
     assert_eq!(fs::read(&d).unwrap(), b"file");
-    assert_eq!(meta(&f.join("..")).ino(), meta(&m.path("p")).ino(), "'..' of moved dir");
+    assert_eq!(
+        meta(&f.join("..")).ino(),
+        meta(&m.path("p")).ino(),
+        "'..' of moved dir"
+    );
 
-    let r = renameat2(&b, &m.path("missing"), libc::RENAME_EXCHANGE as u32);
+    let r = renameat2(&b, &m.path("missing"), libc::RENAME_EXCHANGE);
     assert_libc_errno(r, libc::ENOENT, "RENAME_EXCHANGE with a missing target");
     assert_eq!(fs::read(&b).unwrap(), b"A");
 
@@ -311,7 +354,12 @@ fn hard_links_share_data_and_count() {
     }
 
     // Data written through one name is seen through the others, and so are attributes.
-    OpenOptions::new().append(true).open(&cc).unwrap().write_all(b" data").unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(&cc)
+        .unwrap()
+        .write_all(b" data")
+        .unwrap();
     assert_eq!(fs::read(&a).unwrap(), b"shared data");
     chmod(&b, 0o600);
     assert_eq!(mode(&a), 0o600);
@@ -322,9 +370,21 @@ fn hard_links_share_data_and_count() {
     assert_eq!(meta(&b).nlink(), 2);
     assert_eq!(fs::read(&cc).unwrap(), b"shared data");
 
-    assert_errno(fs::hard_link(m.path("sub"), m.path("dirlink")), libc::EPERM, "link a dir");
-    assert_errno(fs::hard_link(&b, &cc), libc::EEXIST, "link onto existing name");
-    assert_errno(fs::hard_link(&a, m.path("x")), libc::ENOENT, "link of a missing file");
+    assert_errno(
+        fs::hard_link(m.path("sub"), m.path("dirlink")),
+        libc::EPERM,
+        "link a dir",
+    );
+    assert_errno(
+        fs::hard_link(&b, &cc),
+        libc::EEXIST,
+        "link onto existing name",
+    );
+    assert_errno(
+        fs::hard_link(&a, m.path("x")),
+        libc::ENOENT,
+        "link of a missing file",
+    );
 
     m.unmount();
     let m = fx.mount();
@@ -353,14 +413,21 @@ fn symlinks_and_readlink() {
 
     let dangling = m.path("dangling");
     std::os::unix::fs::symlink("/no/such/place", &dangling).unwrap();
-    assert_errno(fs::metadata(&dangling), libc::ENOENT, "stat through a dangling link");
+    assert_errno(
+        fs::metadata(&dangling),
+        libc::ENOENT,
+        "stat through a dangling link",
+    );
     assert!(meta(&dangling).file_type().is_symlink());
 
     // A long target with arbitrary bytes (PATH_MAX - 1 = 4095 bytes).
     let long: Vec<u8> = (0..4095).map(|i| b"abc/\xff\x01 ."[i % 8]).collect();
     let long_link = m.path("long");
     std::os::unix::fs::symlink(OsStr::from_bytes(&long), &long_link).unwrap();
-    assert_eq!(fs::read_link(&long_link).unwrap().as_os_str().as_bytes(), &long[..]);
+    assert_eq!(
+        fs::read_link(&long_link).unwrap().as_os_str().as_bytes(),
+        &long[..]
+    );
 
     std::fs::create_dir(m.path("dir")).unwrap();
     std::os::unix::fs::symlink("../target", m.path("dir/up")).unwrap();
@@ -368,17 +435,38 @@ fn symlinks_and_readlink() {
     std::os::unix::fs::symlink("dir", m.path("dirlink")).unwrap();
     assert_eq!(fs::read(m.path("dirlink/up")).unwrap(), b"pointed to");
 
-    assert_errno(std::os::unix::fs::symlink("x", &l), libc::EEXIST, "symlink onto a name");
-    assert_errno(fs::read_link(m.path("target")), libc::EINVAL, "readlink of a file");
+    assert_errno(
+        std::os::unix::fs::symlink("x", &l),
+        libc::EEXIST,
+        "symlink onto a name",
+    );
+    assert_errno(
+        fs::read_link(m.path("target")),
+        libc::EINVAL,
+        "readlink of a file",
+    );
     std::os::unix::fs::lchown(&l, Some(321), Some(654)).unwrap();
     assert_eq!((meta(&l).uid(), meta(&l).gid()), (321, 654));
-    assert_eq!(meta(&m.path("target")).uid(), 0, "lchown must not follow the link");
+    assert_eq!(
+        meta(&m.path("target")).uid(),
+        0,
+        "lchown must not follow the link"
+    );
 
     m.unmount();
     let m = fx.mount();
     assert_eq!(fs::read_link(m.path("link")).unwrap(), Path::new("target"));
-    assert_eq!(fs::read_link(m.path("long")).unwrap().as_os_str().as_bytes(), &long[..]);
-    assert_eq!((meta(&m.path("link")).uid(), meta(&m.path("link")).gid()), (321, 654));
+    assert_eq!(
+        fs::read_link(m.path("long"))
+            .unwrap()
+            .as_os_str()
+            .as_bytes(),
+        &long[..]
+    );
+    assert_eq!(
+        (meta(&m.path("link")).uid(), meta(&m.path("link")).gid()),
+        (321, 654)
+    );
     assert_eq!(fs::read(m.path("dirlink/up")).unwrap(), b"pointed to");
 }
 
@@ -417,7 +505,11 @@ fn mknod_fifo_socket_and_regular() {
     assert!(meta(&reg).is_file());
     assert_eq!(mode(&reg), 0o604);
     assert_eq!(meta(&reg).len(), 0);
-    assert_libc_errno(mknod(&reg, libc::S_IFIFO | 0o600), libc::EEXIST, "mknod on a name");
+    assert_libc_errno(
+        mknod(&reg, libc::S_IFIFO | 0o600),
+        libc::EEXIST,
+        "mknod on a name",
+    );
 
     m.unmount();
     let m = fx.mount();
@@ -459,7 +551,10 @@ fn chmod_chown_truncate_and_utimens() {
     std::thread::sleep(Duration::from_millis(20));
     chmod(&f, 0o640);
     let after = (meta(&f).ctime(), meta(&f).ctime_nsec());
-    assert!(after > before, "ctime not updated by chmod: {before:?} -> {after:?}");
+    assert!(
+        after > before,
+        "ctime not updated by chmod: {before:?} -> {after:?}"
+    );
 
     // truncate: grow with zeros, shrink, grow again (no stale bytes come back).
     let file = OpenOptions::new().read(true).write(true).open(&f).unwrap();
@@ -484,21 +579,45 @@ fn chmod_chown_truncate_and_utimens() {
     for p in [&f, &d, &m.path("l")] {
         utimens(p, atime, mtime).unwrap();
         let md = meta(p);
-        assert_eq!((md.atime(), md.atime_nsec()), atime, "atime of {}", p.display());
-        assert_eq!((md.mtime(), md.mtime_nsec()), mtime, "mtime of {}", p.display());
+        assert_eq!(
+            (md.atime(), md.atime_nsec()),
+            atime,
+            "atime of {}",
+            p.display()
+        );
+        assert_eq!(
+            (md.mtime(), md.mtime_nsec()),
+            mtime,
+            "mtime of {}",
+            p.display()
+        );
     }
     // UTIME_OMIT keeps one of them; UTIME_NOW takes the current time.
     utimens(&f, (0, libc::UTIME_OMIT), (1_600_000_000, 5)).unwrap();
     assert_eq!((meta(&f).atime(), meta(&f).atime_nsec()), atime);
-    assert_eq!((meta(&f).mtime(), meta(&f).mtime_nsec()), (1_600_000_000, 5));
+    assert_eq!(
+        (meta(&f).mtime(), meta(&f).mtime_nsec()),
+        (1_600_000_000, 5)
+    );
     utimens(&f, (0, libc::UTIME_OMIT), (0, libc::UTIME_NOW)).unwrap();
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
-    assert!((meta(&f).mtime() - now).abs() < 60, "UTIME_NOW: {}", meta(&f).mtime());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (meta(&f).mtime() - now).abs() < 60,
+        "UTIME_NOW: {}",
+        meta(&f).mtime()
+    );
 
     // A write moves mtime to now.
     utimens(&f, atime, mtime).unwrap();
     fs::write(&f, b"new").unwrap();
-    assert!((meta(&f).mtime() - now).abs() < 60, "mtime after write: {}", meta(&f).mtime());
+    assert!(
+        (meta(&f).mtime() - now).abs() < 60,
+        "mtime after write: {}",
+        meta(&f).mtime()
+    );
 
     utimens(&f, atime, mtime).unwrap();
     m.unmount();
@@ -550,7 +669,10 @@ fn o_append_writes_go_to_the_end() {
     w.write_all_at(b"START", 0).unwrap();
     w.write_all_at(b"tail\n", 20).unwrap();
     b.write_all(b"end\n").unwrap();
-    assert_eq!(fs::read(&p).unwrap(), b"START\none\ntwo\nthree\ntail\nend\n");
+    assert_eq!(
+        fs::read(&p).unwrap(),
+        b"START\none\ntwo\nthree\ntail\nend\n"
+    );
 
     // Many small appends from several threads: every record lands exactly once.
     let q = m.path("parallel");
@@ -577,7 +699,12 @@ fn sparse_files_read_zeros_in_holes() {
     let fx = Fixture::new(2);
     let m = fx.mount();
     let p = m.path("sparse");
-    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p);
     let f = f.unwrap();
     f.write_all_at(b"A", 0).unwrap();
     f.write_all_at(b"B", 3_000_000).unwrap();
@@ -586,7 +713,10 @@ fn sparse_files_read_zeros_in_holes() {
     assert_eq!(data.len(), 3_000_001);
     assert_eq!(data[0], b'A');
     assert_eq!(data[3_000_000], b'B');
-    assert!(data[1..3_000_000].iter().all(|&b| b == 0), "hole is not zero");
+    assert!(
+        data[1..3_000_000].iter().all(|&b| b == 0),
+        "hole is not zero"
+    );
 
     f.set_len(10_000_000).unwrap();
     let mut buf = vec![1u8; 100_000];
@@ -603,7 +733,10 @@ fn sparse_files_read_zeros_in_holes() {
     let data = fs::read(&g).unwrap();
     assert_eq!(data.len(), 80_001);
     assert!(data[..100].iter().all(|&b| b == 0xaa));
-    assert!(data[100..80_000].iter().all(|&b| b == 0), "stale bytes after shrink+grow");
+    assert!(
+        data[100..80_000].iter().all(|&b| b == 0),
+        "stale bytes after shrink+grow"
+    );
     drop((f, gf));
 
     m.unmount();
@@ -619,7 +752,12 @@ fn file_larger_than_4_gib() {
     let fx = Fixture::new(2);
     let m = fx.mount();
     let p = m.path("huge");
-    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p);
     let mut f = f.unwrap();
     let off = 5u64 << 30;
     f.write_all_at(b"Z", off).unwrap();
@@ -644,8 +782,15 @@ fn file_larger_than_4_gib() {
 
     m.unmount();
     for b in &fx.backends {
-        let kib: u64 = sh(&format!("du -sk {} | cut -f1", q(b))).trim().parse().unwrap();
-        assert!(kib < 256 * 1024, "backend {} uses {kib} KiB for a sparse file", b.display());
+        let kib: u64 = sh(&format!("du -sk {} | cut -f1", q(b)))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            kib < 256 * 1024,
+            "backend {} uses {kib} KiB for a sparse file",
+            b.display()
+        );
     }
     let m = fx.mount();
     let f = File::open(m.path("huge")).unwrap();
@@ -698,7 +843,11 @@ fn names_of_255_arbitrary_bytes_and_too_long_names() {
     );
     assert_errno(fs::hard_link(&p1, &too_long), libc::ENAMETOOLONG, "link");
     assert_errno(fs::rename(&p1, &too_long), libc::ENAMETOOLONG, "rename");
-    assert_libc_errno(mknod(&too_long, libc::S_IFIFO | 0o600), libc::ENAMETOOLONG, "mknod");
+    assert_libc_errno(
+        mknod(&too_long, libc::S_IFIFO | 0o600),
+        libc::ENAMETOOLONG,
+        "mknod",
+    );
     assert_errno(fs::metadata(&too_long), libc::ENAMETOOLONG, "lookup");
     assert_eq!(names_in(&m.mnt).len(), 2, "nothing was created");
 
@@ -709,7 +858,7 @@ fn names_of_255_arbitrary_bytes_and_too_long_names() {
 
     m.unmount();
     let m = fx.mount();
-    assert_eq!(names_in(&m.mnt), [n2.clone()]);
+    assert_eq!(names_in(&m.mnt), std::slice::from_ref(&n2));
     let d2 = m.mnt.join(&n2);
     let mut inner = vec![n1.clone(), n2.clone()];
     inner.sort();
@@ -750,9 +899,17 @@ fn extended_attributes() {
     assert_eq!(size, 4000);
     let mut small = [0u8; 10];
     let r = unsafe { libc::getxattr(cf.as_ptr(), cn.as_ptr(), small.as_mut_ptr().cast(), 10) };
-    assert_libc_errno(check(r as i64), libc::ERANGE, "getxattr into a small buffer");
+    assert_libc_errno(
+        check(r as i64),
+        libc::ERANGE,
+        "getxattr into a small buffer",
+    );
     let r = unsafe { libc::listxattr(cf.as_ptr(), small.as_mut_ptr().cast(), 5) };
-    assert_libc_errno(check(r as i64), libc::ERANGE, "listxattr into a small buffer");
+    assert_libc_errno(
+        check(r as i64),
+        libc::ERANGE,
+        "listxattr into a small buffer",
+    );
 
     // XATTR_CREATE / XATTR_REPLACE.
     let r = setxattr(&f, "user.alpha", b"2", libc::XATTR_CREATE);
@@ -760,22 +917,39 @@ fn extended_attributes() {
     assert_eq!(getxattr(&f, "user.alpha").unwrap(), b"1");
     let r = setxattr(&f, "user.gamma", b"3", libc::XATTR_REPLACE);
     assert_libc_errno(r, libc::ENODATA, "XATTR_REPLACE on a missing attribute");
-    assert_libc_errno(getxattr(&f, "user.gamma").map(|_| ()), libc::ENODATA, "not created");
+    assert_libc_errno(
+        getxattr(&f, "user.gamma").map(|_| ()),
+        libc::ENODATA,
+        "not created",
+    );
     setxattr(&f, "user.alpha", b"replaced", libc::XATTR_REPLACE).unwrap();
     assert_eq!(getxattr(&f, "user.alpha").unwrap(), b"replaced");
     setxattr(&f, "user.gamma", b"3", libc::XATTR_CREATE).unwrap();
 
     // Remove.
     removexattr(&f, "user.gamma").unwrap();
-    assert_libc_errno(getxattr(&f, "user.gamma").map(|_| ()), libc::ENODATA, "removed");
+    assert_libc_errno(
+        getxattr(&f, "user.gamma").map(|_| ()),
+        libc::ENODATA,
+        "removed",
+    );
     assert_libc_errno(removexattr(&f, "user.gamma"), libc::ENODATA, "remove twice");
-    assert_libc_errno(getxattr(&f, "user.none").map(|_| ()), libc::ENODATA, "missing");
+    assert_libc_errno(
+        getxattr(&f, "user.none").map(|_| ()),
+        libc::ENODATA,
+        "missing",
+    );
 
     // Through a file descriptor, and on a directory.
     let file = File::open(&f).unwrap();
     let mut buf = [0u8; 64];
     let n = unsafe {
-        libc::fgetxattr(file.as_raw_fd(), cs("user.alpha").as_ptr(), buf.as_mut_ptr().cast(), 64)
+        libc::fgetxattr(
+            file.as_raw_fd(),
+            cs("user.alpha").as_ptr(),
+            buf.as_mut_ptr().cast(),
+            64,
+        )
     };
     assert_eq!(&buf[..n as usize], b"replaced");
     drop(file);
@@ -793,7 +967,10 @@ fn extended_attributes() {
     m.unmount();
     let m = fx.mount();
     assert_eq!(user_xattrs(&m.path("f")), want);
-    assert_eq!(getxattr(&m.path("d"), "user.dir").unwrap(), b"on a directory");
+    assert_eq!(
+        getxattr(&m.path("d"), "user.dir").unwrap(),
+        b"on a directory"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -811,7 +988,10 @@ fn statfs_reports_sane_values() {
         assert_eq!(unsafe { libc::statvfs(cp.as_ptr(), &mut st) }, 0, "statvfs");
         assert!(st.f_bsize > 0 && st.f_frsize > 0, "block sizes");
         assert!(st.f_blocks > 0, "f_blocks");
-        assert!(st.f_bfree <= st.f_blocks && st.f_bavail <= st.f_blocks, "free <= total");
+        assert!(
+            st.f_bfree <= st.f_blocks && st.f_bavail <= st.f_blocks,
+            "free <= total"
+        );
         assert_eq!(st.f_namemax, 255, "name length limit");
         // The capacity is not made up: no more than the backend filesystem has.
         let bp = c(&fx.backends[0]);
@@ -819,11 +999,18 @@ fn statfs_reports_sane_values() {
         assert_eq!(unsafe { libc::statvfs(bp.as_ptr(), &mut bst) }, 0);
         let total = st.f_blocks as u128 * st.f_frsize as u128;
         let backend_total = bst.f_blocks as u128 * bst.f_frsize as u128;
-        assert!(total <= backend_total, "mount claims {total} bytes, backend has {backend_total}");
+        assert!(
+            total <= backend_total,
+            "mount claims {total} bytes, backend has {backend_total}"
+        );
     }
     let f = File::open(&m.mnt).unwrap();
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::fstatvfs(f.as_raw_fd(), &mut st) }, 0, "fstatvfs");
+    assert_eq!(
+        unsafe { libc::fstatvfs(f.as_raw_fd(), &mut st) },
+        0,
+        "fstatvfs"
+    );
 }
 
 fn entry_name(i: usize) -> String {
@@ -841,7 +1028,11 @@ fn raw_readdir(dir: &Path) -> Vec<Vec<u8>> {
         if e.is_null() {
             break;
         }
-        out.push(unsafe { CStr::from_ptr((*e).d_name.as_ptr()) }.to_bytes().to_vec());
+        out.push(
+            unsafe { CStr::from_ptr((*e).d_name.as_ptr()) }
+                .to_bytes()
+                .to_vec(),
+        );
     }
     unsafe { libc::closedir(d) };
     out
@@ -894,7 +1085,9 @@ fn readdir_is_stable_while_entries_change() {
         if e.is_null() {
             break;
         }
-        let name = unsafe { CStr::from_ptr((*e).d_name.as_ptr()) }.to_bytes().to_vec();
+        let name = unsafe { CStr::from_ptr((*e).d_name.as_ptr()) }
+            .to_bytes()
+            .to_vec();
         *seen.entry(name).or_default() += 1;
         if seen.len() == 400 && !changed {
             changed = true;
@@ -909,13 +1102,20 @@ fn readdir_is_stable_while_entries_change() {
     }
     unsafe { libc::closedir(d) };
     assert!(changed);
-    let dups: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).map(|(k, _)| k).collect();
+    let dups: Vec<_> = seen
+        .iter()
+        .filter(|(_, &n)| n > 1)
+        .map(|(k, _)| k)
+        .collect();
     assert!(dups.is_empty(), "entries returned twice: {:?}", dups.len());
     let missing: Vec<usize> = (0..1000)
         .filter(|i| i % 3 != 0)
         .filter(|&i| !seen.contains_key(entry_name(i).as_bytes()))
         .collect();
-    assert!(missing.is_empty(), "unchanged entries not returned: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "unchanged entries not returned: {missing:?}"
+    );
     let now = fs::read_dir(&dir).unwrap().count();
     assert_eq!(now, 1000 - 334 + 300);
 }
@@ -925,8 +1125,13 @@ fn unlinked_open_file_stays_usable() {
     let fx = Fixture::new(2);
     let m = fx.mount();
     let p = m.path("tmp");
-    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p);
-    let f = f.as_mut().unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p);
+    let mut f = f.unwrap();
     f.write_all(b"hello").unwrap();
     fs::remove_file(&p).unwrap();
     assert_errno(fs::metadata(&p), libc::ENOENT, "stat after unlink");
@@ -984,10 +1189,26 @@ fn common_error_codes() {
     assert_errno(fs::remove_dir(&d), libc::ENOTEMPTY, "rmdir non-empty");
     assert_errno(fs::remove_dir(&f), libc::ENOTDIR, "rmdir a file");
     assert_errno(fs::remove_file(&d), libc::EISDIR, "unlink a directory");
-    assert_errno(OpenOptions::new().write(true).open(&d), libc::EISDIR, "open dir for write");
-    assert_errno(fs::metadata(f.join("x")), libc::ENOTDIR, "file as a directory");
-    assert_errno(fs::create_dir(m.path("no/such")), libc::ENOENT, "mkdir missing parent");
-    assert_errno(fs::remove_file(m.path("missing")), libc::ENOENT, "unlink missing");
+    assert_errno(
+        OpenOptions::new().write(true).open(&d),
+        libc::EISDIR,
+        "open dir for write",
+    );
+    assert_errno(
+        fs::metadata(f.join("x")),
+        libc::ENOTDIR,
+        "file as a directory",
+    );
+    assert_errno(
+        fs::create_dir(m.path("no/such")),
+        libc::ENOENT,
+        "mkdir missing parent",
+    );
+    assert_errno(
+        fs::remove_file(m.path("missing")),
+        libc::ENOENT,
+        "unlink missing",
+    );
     fs::remove_file(d.join("x")).unwrap();
     fs::remove_dir(&d).unwrap();
     assert_eq!(names_in(&m.mnt), [OsString::from("f")]);
@@ -1025,20 +1246,50 @@ fn attrs(p: &Path) -> Attrs {
         atime: (md.atime(), md.atime_nsec()),
         mtime: (md.mtime(), md.mtime_nsec()),
         link: fs::read_link(p).ok(),
-        xattrs: if md.file_type().is_symlink() { BTreeMap::new() } else { user_xattrs(p) },
+        xattrs: if md.file_type().is_symlink() {
+            BTreeMap::new()
+        } else {
+            user_xattrs(p)
+        },
     }
 }
 
-const ENTRIES: [&str; 9] = ["d", "d/f", "d/f2", "g", "d/l", "p", "d/sub", "sparse", "empty"];
+const ENTRIES: [&str; 9] = [
+    "d", "d/f", "d/f2", "g", "d/l", "p", "d/sub", "sparse", "empty",
+];
 
-/// Stats every entry first (reading contents may update atimes), then reads contents.
-fn record(root: &Path) -> (Vec<(String, Attrs)>, Vec<Vec<u8>>) {
-    let a = ENTRIES.iter().map(|e| (e.to_string(), attrs(&root.join(e)))).collect();
-    let data = ["d/f", "g", "sparse", "empty"]
+/// Stats every entry without reading anything (reads may update access times).
+fn record(root: &Path) -> Vec<(String, Attrs)> {
+    ENTRIES
         .iter()
-        .map(|e| fs::read(root.join(e)).unwrap())
-        .collect();
-    (a, data)
+        .map(|e| (e.to_string(), attrs(&root.join(e))))
+        .collect()
+}
+
+#[track_caller]
+fn assert_same_attrs(want: &[(String, Attrs)], got: &[(String, Attrs)], when: &str) {
+    for ((name, w), (_, g)) in want.iter().zip(got) {
+        assert_eq!(w, g, "{name} {when}");
+    }
+}
+
+#[track_caller]
+fn assert_contents(root: &Path, when: &str) {
+    assert_eq!(
+        fs::read(root.join("d/f")).unwrap(),
+        b"file with attributes",
+        "{when}"
+    );
+    assert_eq!(
+        fs::read(root.join("g")).unwrap(),
+        vec![9u8; 300_000],
+        "{when}"
+    );
+    let sparse = fs::read(root.join("sparse")).unwrap();
+    assert_eq!(sparse.len(), 7_000_003, "{when}");
+    assert_eq!(&sparse[7_000_000..], b"end", "{when}");
+    assert!(sparse[..7_000_000].iter().all(|&b| b == 0), "{when}");
+    assert_eq!(fs::read(root.join("empty")).unwrap(), b"", "{when}");
 }
 
 #[test]
@@ -1058,43 +1309,45 @@ fn attributes_persist_across_remount_and_on_each_backend() {
     sp.write_all_at(b"end", 7_000_000).unwrap();
     drop(sp);
 
-    chmod(&r("d/f"), 0o4750);
-    chmod(&r("d"), 0o2750);
-    chmod(&r("g"), 0o604);
+    // chown before chmod: a chown clears the set-user-ID bit of a file.
     std::os::unix::fs::chown(r("d/f"), Some(1001), Some(1002)).unwrap();
     std::os::unix::fs::chown(r("d"), Some(7), Some(8)).unwrap();
     std::os::unix::fs::lchown(r("d/l"), Some(5), Some(6)).unwrap();
     std::os::unix::fs::chown(r("p"), Some(65534), Some(65534)).unwrap();
+    chmod(&r("d/f"), 0o4750);
+    chmod(&r("d"), 0o2750);
+    chmod(&r("g"), 0o604);
     setxattr(&r("d/f"), "user.one", b"1", 0).unwrap();
     setxattr(&r("d/f"), "user.two", &[0, 255, 0], 0).unwrap();
     setxattr(&r("d"), "user.dir", b"dir", 0).unwrap();
     for (i, e) in ENTRIES.iter().rev().enumerate() {
         let t = 1_100_000_000 + i as i64 * 86_400;
-        utimens(&r(e), (t, 111_111_111 * (i as i64 % 9)), (t + 1, 7 + i as i64)).unwrap();
+        utimens(
+            &r(e),
+            (t, 111_111_111 * (i as i64 % 9)),
+            (t + 1, 7 + i as i64),
+        )
+        .unwrap();
     }
-    let (before, data) = record(&m.mnt);
+    let before = record(&m.mnt);
     assert_eq!(before[1].1.nlink, 2);
     assert_eq!(before[1].1.mode & 0o7777, 0o4750);
+    assert_eq!((before[1].1.uid, before[1].1.gid), (1001, 1002));
     m.unmount();
 
     let m = fx.mount();
-    let (after, after_data) = record(&m.mnt);
-    for ((name, want), (_, got)) in before.iter().zip(&after) {
-        assert_eq!(want, got, "{name} after remount");
-    }
-    assert_eq!(data, after_data);
+    assert_same_attrs(&before, &record(&m.mnt), "after remount");
     assert!(meta(&m.path("p")).file_type().is_fifo());
-    // The reference for the read-only mounts: reading may have updated atimes.
-    let (reference, _) = record(&m.mnt);
+    assert_contents(&m.mnt, "after remount");
+    // The reference for the read-only mounts: reading may have updated access times.
+    let reference = record(&m.mnt);
     m.unmount();
 
     for b in &fx.backends {
         let m = fx.mount_with(std::slice::from_ref(b), &["-o", "ro"]);
-        let (got, got_data) = record(&m.mnt);
-        for ((name, want), (_, got)) in reference.iter().zip(&got) {
-            assert_eq!(want, got, "{name} on {} alone", b.display());
-        }
-        assert_eq!(data, got_data, "contents on {} alone", b.display());
+        let when = format!("on {} alone", b.display());
+        assert_same_attrs(&reference, &record(&m.mnt), &when);
+        assert_contents(&m.mnt, &when);
         m.unmount();
     }
 }
@@ -1105,17 +1358,27 @@ fn attributes_persist_across_remount_and_on_each_backend() {
 
 /// Runs a shell command as uid/gid 65534 (nobody) with no supplementary groups.
 fn as_nobody(cmd: &str) -> Output {
-    let mut c = if Path::new("/usr/bin/setpriv").exists() || Path::new("/bin/setpriv").exists()
-    {
+    let mut c = if Path::new("/usr/bin/setpriv").exists() || Path::new("/bin/setpriv").exists() {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", "sh", "-c", cmd]);
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+            cmd,
+        ]);
         c
     } else {
         let mut c = Command::new("su");
         c.args(["nobody", "-s", "/bin/sh", "-c", cmd]);
         c
     };
-    c.env("LC_ALL", "C").stdin(Stdio::null()).output().expect("run as nobody")
+    c.env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run as nobody")
 }
 
 #[track_caller]
@@ -1134,7 +1397,10 @@ fn nobody_denied(cmd: &str, message: &str) {
     let out = as_nobody(cmd);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "as nobody, should fail: {cmd}");
-    assert!(err.contains(message), "as nobody: {cmd}: expected {message:?}, got {err}");
+    assert!(
+        err.contains(message),
+        "as nobody: {cmd}: expected {message:?}, got {err}"
+    );
 }
 
 #[test]
@@ -1174,7 +1440,10 @@ fn permissions_are_enforced_for_other_users() {
     nobody_denied(&format!("cat {}", q(&r("private/inner"))), denied);
     nobody_denied(&format!("chmod 777 {}", q(&r("public"))), eperm);
     nobody_denied(&format!("rm -f {}", q(&r("sticky/roots"))), eperm);
-    nobody_denied(&format!("mv {} {}", q(&r("public")), q(&r("open/p"))), denied);
+    nobody_denied(
+        &format!("mv {} {}", q(&r("public")), q(&r("open/p"))),
+        denied,
+    );
     assert_eq!(fs::read(r("public")).unwrap(), b"hello\n");
     assert!(!r("rootdir/new").exists());
 

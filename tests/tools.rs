@@ -75,16 +75,33 @@ fn set_times(p: &Path, secs: i64, nsec: i64) {
     let times = [ts, ts];
     let c = cpath(p);
     let rc = unsafe {
-        libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
     };
-    assert_eq!(rc, 0, "utimensat {}: {}", p.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "utimensat {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 fn set_user_xattr(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
     let c = cpath(p);
     let n = CString::new(name).unwrap();
     let rc = unsafe {
-        libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
     };
     if rc == 0 {
         Ok(())
@@ -110,9 +127,8 @@ fn user_xattrs(p: &Path) -> String {
     for name in names.split(|&b| b == 0).filter(|s| s.starts_with(b"user.")) {
         let cn = CString::new(name).unwrap();
         let mut val = vec![0u8; 65536];
-        let len = unsafe {
-            libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len())
-        };
+        let len =
+            unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
         let shown = if len < 0 {
             format!("error {}", std::io::Error::last_os_error())
         } else {
@@ -127,7 +143,10 @@ fn user_xattrs(p: &Path) -> String {
 
 /// Every entry under `root` (sorted) with its user xattrs.
 fn xattr_manifest(root: &Path) -> String {
-    let list = sh(&format!("cd {} && find . -mindepth 1 -print0 | sort -z", q(root)));
+    let list = sh(&format!(
+        "cd {} && find . -mindepth 1 -print0 | sort -z",
+        q(root)
+    ));
     let mut out = String::new();
     for rel in list.split('\0').filter(|s| !s.is_empty()) {
         let x = user_xattrs(&root.join(rel));
@@ -153,7 +172,10 @@ fn portable_manifest(root: &Path) -> String {
 
 /// Modification times (with nanoseconds) of files, directories and symlinks under `root`.
 fn mtime_manifest(root: &Path) -> String {
-    sh(&format!("cd {} && find . -mindepth 1 -printf '%P %y %T@\\n' | sort", q(root)))
+    sh(&format!(
+        "cd {} && find . -mindepth 1 -printf '%P %y %T@\\n' | sort",
+        q(root)
+    ))
 }
 
 /// Everything that must survive a remount or a single-backend read-only mount.
@@ -296,12 +318,13 @@ fn make_tree(root: &Path, xattrs: bool) {
     std::fs::write(root.join("private/secret"), b"s3cr3t\n").unwrap();
     std::fs::create_dir(root.join("readonly-dir")).unwrap();
     std::fs::write(root.join("readonly-dir/inside"), b"inside\n").unwrap();
-    std::fs::set_permissions(root.join("private"), std::fs::Permissions::from_mode(0o700))
-        .unwrap();
-    std::fs::set_permissions(root.join("readonly-dir"), std::fs::Permissions::from_mode(0o555))
-        .unwrap();
-    std::fs::set_permissions(root.join("dir 3"), std::fs::Permissions::from_mode(0o2775))
-        .unwrap();
+    std::fs::set_permissions(root.join("private"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(
+        root.join("readonly-dir"),
+        std::fs::Permissions::from_mode(0o555),
+    )
+    .unwrap();
+    std::fs::set_permissions(root.join("dir 3"), std::fs::Permissions::from_mode(0o2775)).unwrap();
 
     if xattrs {
         for (i, f) in files.iter().enumerate().step_by(17) {
@@ -356,7 +379,10 @@ fn tools_round_trip_then_remount_then_each_backend_read_only() {
     make_tree(&src, xattrs);
     let want = portable_manifest(&src);
     let want_times = mtime_manifest(&src);
-    assert!(want.lines().count() > FILES, "source tree too small:\n{want}");
+    assert!(
+        want.lines().count() > FILES,
+        "source tree too small:\n{want}"
+    );
 
     let m = fx.mount();
 
@@ -373,13 +399,25 @@ fn tools_round_trip_then_remount_then_each_backend_read_only() {
         q(&src),
         q(&sums)
     ));
-    sh(&format!("cd {} && sha256sum --quiet --strict -c {}", q(&cp), q(&sums)));
+    sh(&format!(
+        "cd {} && sha256sum --quiet --strict -c {}",
+        q(&cp),
+        q(&sums)
+    ));
 
     // The same tar archive, byte for byte, from the source and from the mount.
     let tar_src = fx.path("src.tar");
     let tar_mnt = fx.path("mnt.tar");
-    sh(&format!("tar --sort=name --format=gnu -C {} -cf {} .", q(&src), q(&tar_src)));
-    sh(&format!("tar --sort=name --format=gnu -C {} -cf {} .", q(&cp), q(&tar_mnt)));
+    sh(&format!(
+        "tar --sort=name --format=gnu -C {} -cf {} .",
+        q(&src),
+        q(&tar_src)
+    ));
+    sh(&format!(
+        "tar --sort=name --format=gnu -C {} -cf {} .",
+        q(&cp),
+        q(&tar_mnt)
+    ));
     sh(&format!("cmp {} {}", q(&tar_src), q(&tar_mnt)));
 
     // tar: create from the mount into the mount, extract into the mount.
@@ -397,12 +435,24 @@ fn tools_round_trip_then_remount_then_each_backend_read_only() {
         q(&archive)
     ));
     assert_same("tar round trip", &want, &portable_manifest(&untar));
-    assert_same("tar round trip mtimes", &want_times, &mtime_manifest(&untar));
-    sh(&format!("tar -C {} --compare -f {}", q(&untar), q(&archive)));
+    assert_same(
+        "tar round trip mtimes",
+        &want_times,
+        &mtime_manifest(&untar),
+    );
+    sh(&format!(
+        "tar -C {} --compare -f {}",
+        q(&untar),
+        q(&archive)
+    ));
 
     // rsync -aH(X), then a checksum dry run must find nothing to do.
     let rs = m.path("rsync");
-    let flags = if xattrs && have("setfattr") { "-aHX" } else { "-aH" };
+    let flags = if xattrs && have("setfattr") {
+        "-aHX"
+    } else {
+        "-aH"
+    };
     sh(&format!("rsync {flags} {}/ {}/", q(&src), q(&rs)));
     assert_same("rsync", &want, &portable_manifest(&rs));
     assert_same("rsync mtimes", &want_times, &mtime_manifest(&rs));
@@ -426,10 +476,18 @@ fn tools_round_trip_then_remount_then_each_backend_read_only() {
     git(&repo, "fsck --full --strict --no-progress");
     git(&repo, "gc --quiet --prune=now");
     git(&repo, "fsck --full --strict --no-progress");
-    assert_eq!(git(&repo, "status --porcelain"), "", "clean work tree expected");
+    assert_eq!(
+        git(&repo, "status --porcelain"),
+        "",
+        "clean work tree expected"
+    );
     let clone = fx.path("clone");
     sh(&format!("git clone -q {} {}", q(&repo), q(&clone)));
-    sh(&format!("diff -r --no-dereference --exclude=.git {} {}", q(&clone), q(&repo)));
+    sh(&format!(
+        "diff -r --no-dereference --exclude=.git {} {}",
+        q(&clone),
+        q(&repo)
+    ));
 
     // rsync again after changing the source: updates, deletions, new files, chmod.
     sh(&format!(
@@ -439,8 +497,16 @@ fn tools_round_trip_then_remount_then_each_backend_read_only() {
         q(&src)
     ));
     sh(&format!("rsync {flags} --delete {}/ {}/", q(&src), q(&rs)));
-    assert_same("rsync update", &portable_manifest(&src), &portable_manifest(&rs));
-    let todo = sh(&format!("rsync {flags}c --delete -n -i {}/ {}/", q(&src), q(&rs)));
+    assert_same(
+        "rsync update",
+        &portable_manifest(&src),
+        &portable_manifest(&rs),
+    );
+    let todo = sh(&format!(
+        "rsync {flags}c --delete -n -i {}/ {}/",
+        q(&src),
+        q(&rs)
+    ));
     assert_eq!(todo.trim(), "", "rsync finds differences after an update");
 
     // Unmount, mount again: everything is still there.
@@ -449,13 +515,21 @@ fn tools_round_trip_then_remount_then_each_backend_read_only() {
     let m = fx.mount();
     assert_same("after remount", &before, &full_manifest(&m.mnt));
     git(&m.path("repo"), "fsck --full --strict --no-progress");
-    sh(&format!("cd {} && sha256sum --quiet --strict -c {}", q(&m.path("cp")), q(&sums)));
+    sh(&format!(
+        "cd {} && sha256sum --quiet --strict -c {}",
+        q(&m.path("cp")),
+        q(&sums)
+    ));
     m.unmount();
 
     // Each backend alone, read-only: the same tree, and the backend is not changed.
     for b in &fx.backends {
         let snap = backend_snapshot(b);
-        assert!(!snap.trim().is_empty(), "formatted backend {} is empty", b.display());
+        assert!(
+            !snap.trim().is_empty(),
+            "formatted backend {} is empty",
+            b.display()
+        );
         let m = fx.mount_with(std::slice::from_ref(b), &["-o", "ro"]);
         assert_same(
             &format!("read-only mount of {}", b.display()),
@@ -463,11 +537,23 @@ fn tools_round_trip_then_remount_then_each_backend_read_only() {
             &full_manifest(&m.mnt),
         );
         let err = std::fs::write(m.path("cp/new-file"), b"x").unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "write on ro mount: {err}");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::EROFS),
+            "write on ro mount: {err}"
+        );
         let err = std::fs::create_dir(m.path("newdir")).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "mkdir on ro mount: {err}");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::EROFS),
+            "mkdir on ro mount: {err}"
+        );
         let err = std::fs::remove_file(m.path("cp/empty")).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "unlink on ro mount: {err}");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::EROFS),
+            "unlink on ro mount: {err}"
+        );
         git(&m.path("repo"), "log --oneline");
         m.unmount();
         assert_same(
@@ -487,7 +573,11 @@ fn streaming_and_parallel_writers() {
     sh(&format!("head -c 50000017 /dev/urandom > {}", q(&data)));
     let m = fx.mount();
     let big = m.path("big");
-    sh(&format!("dd if={} of={} bs=65537 status=none", q(&data), q(&big)));
+    sh(&format!(
+        "dd if={} of={} bs=65537 status=none",
+        q(&data),
+        q(&big)
+    ));
     sh(&format!("cmp {} {}", q(&data), q(&big)));
     sh(&format!(
         "dd if={} bs=4093 status=none | cmp - {}",
@@ -539,7 +629,11 @@ impl Daemon {
             pat.push(ch);
         }
         pat.push_str("( |$)");
-        let out = Command::new("pgrep").arg("-f").arg(&pat).output().expect("run pgrep");
+        let out = Command::new("pgrep")
+            .arg("-f")
+            .arg(&pat)
+            .output()
+            .expect("run pgrep");
         String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
             .filter_map(|s| s.parse().ok())
@@ -575,7 +669,10 @@ impl Daemon {
             }
         }
         if is_mounted(&self.mnt) {
-            let _ = Command::new("fusermount3").arg("-uz").arg(&self.mnt).status();
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.mnt)
+                .status();
         }
         if self.wait_gone(Duration::from_secs(30)) {
             return true;
@@ -647,7 +744,10 @@ fn background_mount_returns_once_live_and_exits_after_umount() {
     let fx = Fixture::new(2);
     let guard = Daemon::new(&fx.mnt);
     let out = run_to_eof(
-        Command::new(bin()).arg("mount").args(fx.backend_args()).arg(&fx.mnt),
+        Command::new(bin())
+            .arg("mount")
+            .args(fx.backend_args())
+            .arg(&fx.mnt),
         Duration::from_secs(30),
     );
     assert!(
@@ -655,28 +755,54 @@ fn background_mount_returns_once_live_and_exits_after_umount() {
         "mirrorfs mount failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(is_mounted(&fx.mnt), "mirrorfs mount returned before the mount was live");
-    assert!(!guard.pids().is_empty(), "no daemon process serves {}", fx.mnt.display());
+    assert!(
+        is_mounted(&fx.mnt),
+        "mirrorfs mount returned before the mount was live"
+    );
+    assert!(
+        !guard.pids().is_empty(),
+        "no daemon process serves {}",
+        fx.mnt.display()
+    );
 
     std::fs::write(fx.mnt.join("hello"), b"from the background\n").unwrap();
-    assert_eq!(std::fs::read(fx.mnt.join("hello")).unwrap(), b"from the background\n");
+    assert_eq!(
+        std::fs::read(fx.mnt.join("hello")).unwrap(),
+        b"from the background\n"
+    );
 
     sh(&format!("umount {}", q(&fx.mnt)));
     assert!(!is_mounted(&fx.mnt));
-    assert!(guard.wait_gone(Duration::from_secs(30)), "daemon still running after umount");
+    assert!(
+        guard.wait_gone(Duration::from_secs(30)),
+        "daemon still running after umount"
+    );
 
     // The data written through the background mount is on the backends.
     let m = fx.mount();
-    assert_eq!(std::fs::read(m.path("hello")).unwrap(), b"from the background\n");
+    assert_eq!(
+        std::fs::read(m.path("hello")).unwrap(),
+        b"from the background\n"
+    );
     m.unmount();
 
     // And once more in the background, stopped with fusermount3 this time.
     let out = run_to_eof(
-        Command::new(bin()).arg("mount").args(fx.backend_args()).arg(&fx.mnt),
+        Command::new(bin())
+            .arg("mount")
+            .args(fx.backend_args())
+            .arg(&fx.mnt),
         Duration::from_secs(30),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(is_mounted(&fx.mnt));
-    assert_eq!(std::fs::read(fx.mnt.join("hello")).unwrap(), b"from the background\n");
+    assert_eq!(
+        std::fs::read(fx.mnt.join("hello")).unwrap(),
+        b"from the background\n"
+    );
     assert!(guard.stop(), "daemon did not exit after fusermount3 -u");
 }

@@ -569,6 +569,42 @@ impl Mirror {
     }
 }
 
+/// Formats empty stores as the members of one new mirror: writes `contents` (the objects
+/// of an empty filesystem) and then a superblock to each, and syncs. Returns the new
+/// filesystem's uuid. Member ids follow the order of `stores`.
+pub fn format(stores: &[(String, Arc<dyn Store>)], contents: &Batch) -> StoreResult<String> {
+    let members: Vec<MemberRecord> = stores
+        .iter()
+        .enumerate()
+        .map(|(i, (location, _))| MemberRecord {
+            id: i as u32,
+            location: location.clone(),
+            degraded: String::new(),
+        })
+        .collect();
+    let sb = Superblock {
+        magic: layout::MAGIC.into(),
+        format_version: layout::FORMAT_VERSION,
+        fs_uuid: uuid::Uuid::new_v4().to_string(),
+        member_id: 0,
+        generation: 1,
+        members,
+        clean: true,
+        next_ino: layout::ROOT_INO + 1,
+        block_size: layout::DEFAULT_BLOCK_SIZE,
+    };
+    for (i, (_, store)) in stores.iter().enumerate() {
+        for m in contents {
+            m.apply(store.as_ref())?;
+        }
+        let mut own = sb.clone();
+        own.member_id = i as u32;
+        store.put(SUPERBLOCK_KEY, &own.encode())?;
+        store.sync()?;
+    }
+    Ok(sb.fs_uuid)
+}
+
 fn run_batch(backend: &Backend, batch: &Batch) -> StoreResult<()> {
     for m in batch.iter() {
         m.apply(backend.store.as_ref())?;

@@ -1,0 +1,261 @@
+//! Broadcaster, failover and start-up tests over in-memory stores with fault injection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::store::{FaultKind, FaultStore, MemoryStore, Op};
+
+struct Rig {
+    mem: Vec<Arc<MemoryStore>>,
+    faults: Vec<Arc<FaultStore>>,
+}
+
+impl Rig {
+    fn new(n: usize) -> Rig {
+        let mem: Vec<Arc<MemoryStore>> =
+            (0..n).map(|i| Arc::new(MemoryStore::new(&format!("m{i}")))).collect();
+        let faults = mem
+            .iter()
+            .map(|m| Arc::new(FaultStore::new(Arc::clone(m) as Arc<dyn Store>)))
+            .collect();
+        let rig = Rig { mem, faults };
+        format(&rig.stores(), &vec![]).unwrap();
+        rig
+    }
+
+    fn stores(&self) -> Vec<(String, Arc<dyn Store>)> {
+        self.faults
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (format!("m{i}"), Arc::clone(f) as Arc<dyn Store>))
+            .collect()
+    }
+
+    fn open(&self, opts: MirrorOptions) -> Mirror {
+        Mirror::open(self.stores(), opts).unwrap()
+    }
+
+    fn generation(&self, i: usize) -> u64 {
+        let data = self.mem[i].get(SUPERBLOCK_KEY).unwrap();
+        Superblock::decode(&data).unwrap().generation
+    }
+}
+
+fn put(key: &str, data: &[u8]) -> Mutation {
+    Mutation::Put { key: key.into(), data: data.into() }
+}
+
+fn fast() -> MirrorOptions {
+    MirrorOptions { timeout: Duration::from_millis(300), ..MirrorOptions::default() }
+}
+
+#[test]
+fn every_backend_gets_every_mutation() {
+    let rig = Rig::new(3);
+    let m = rig.open(fast());
+    m.apply(vec![put("x/1", b"abc"), Mutation::WriteAt {
+        key: "x/2".into(),
+        offset: 2,
+        data: b"zz"[..].into(),
+    }])
+    .unwrap();
+    m.apply(vec![Mutation::Delete { key: "x/1".into() }, Mutation::Delete { key: "nope".into() }])
+        .unwrap();
+    for mem in &rig.mem {
+        assert!(matches!(mem.get("x/1"), Err(StoreError::NotFound)));
+        assert_eq!(mem.get("x/2").unwrap(), b"\0\0zz");
+    }
+    assert_eq!(m.optimal_count(), 3);
+}
+
+#[test]
+fn failing_backend_is_degraded_and_recorded_on_the_others() {
+    let rig = Rig::new(3);
+    let m = rig.open(fast());
+    let before = rig.generation(0);
+    rig.faults[1].fault_nth(Some(Op::Put), 1, FaultKind::Fail);
+    m.apply(vec![put("k", b"v")]).unwrap();
+
+    match m.backends()[1].state() {
+        BackendState::Degraded(reason) => assert!(reason.contains("injected"), "{reason}"),
+        s => panic!("backend 1 should be degraded, is {s:?}"),
+    }
+    assert!(rig.generation(0) > before);
+    assert_eq!(rig.generation(0), rig.generation(2));
+    assert!(rig.generation(1) < rig.generation(0), "degraded member must look stale");
+    assert_eq!(rig.mem[0].get("k").unwrap(), b"v");
+    assert!(matches!(rig.mem[1].get("k"), Err(StoreError::NotFound)));
+
+    // Later writes skip the degraded member.
+    m.apply(vec![put("k2", b"v")]).unwrap();
+    assert!(matches!(rig.mem[1].get("k2"), Err(StoreError::NotFound)));
+}
+
+#[test]
+fn stalled_backend_is_degraded_after_the_deadline() {
+    let rig = Rig::new(2);
+    let m = rig.open(fast());
+    rig.faults[0].fault_nth(Some(Op::Put), 1, FaultKind::Stall(Duration::from_secs(3)));
+    m.apply(vec![put("k", b"v")]).unwrap();
+    match m.backends()[0].state() {
+        BackendState::Degraded(reason) => assert!(reason.contains("no answer"), "{reason}"),
+        s => panic!("stalled backend should be degraded, is {s:?}"),
+    }
+    assert_eq!(rig.mem[1].get("k").unwrap(), b"v");
+}
+
+#[test]
+fn failure_everywhere_degrades_nobody() {
+    let rig = Rig::new(2);
+    let m = rig.open(fast());
+    for f in &rig.faults {
+        f.fault_nth(Some(Op::Put), 1, FaultKind::Fail);
+    }
+    assert!(matches!(m.apply(vec![put("k", b"v")]), Err(MirrorError::Failed(_))));
+    assert_eq!(m.optimal_count(), 2);
+}
+
+#[test]
+fn reads_fail_over_and_degrade_the_bad_backend() {
+    let rig = Rig::new(2);
+    let m = rig.open(fast());
+    m.apply(vec![put("k", b"v")]).unwrap();
+    rig.faults[0].fault_always(Some(Op::Get), FaultKind::Fail);
+    rig.faults[1].clear();
+    for _ in 0..4 {
+        assert_eq!(m.get("k").unwrap(), b"v");
+    }
+    assert_eq!(m.optimal_count(), 1);
+    assert!(matches!(m.get("missing"), Err(MirrorError::NotFound)));
+}
+
+#[test]
+fn quorum_refuses_writes_but_serves_reads() {
+    let rig = Rig::new(2);
+    let m = rig.open(MirrorOptions { min_optimal: 2, ..fast() });
+    m.apply(vec![put("k", b"v")]).unwrap();
+    rig.faults[0].fault_nth(Some(Op::Put), 1, FaultKind::Fail);
+    assert!(matches!(m.apply(vec![put("k2", b"v")]), Err(MirrorError::NoQuorum(2))));
+    assert!(matches!(m.apply(vec![put("k3", b"v")]), Err(MirrorError::NoQuorum(2))));
+    assert_eq!(m.get("k").unwrap(), b"v");
+}
+
+#[test]
+fn stale_member_starts_degraded() {
+    let rig = Rig::new(2);
+    {
+        let m = rig.open(fast());
+        rig.faults[1].fault_nth(Some(Op::Put), 1, FaultKind::Fail);
+        m.apply(vec![put("k", b"v")]).unwrap();
+        m.close().unwrap();
+    }
+    let m = rig.open(fast());
+    match m.backends()[1].state() {
+        BackendState::Degraded(reason) => assert!(reason.contains("stale"), "{reason}"),
+        s => panic!("stale member should start degraded, is {s:?}"),
+    }
+    assert_eq!(m.backends()[0].state(), BackendState::Optimal);
+}
+
+#[test]
+fn split_brain_is_refused() {
+    // A and B optimal; B fails during a write (A goes ahead). Then only B is given: B may
+    // not serve as current read-write, because A (recorded optimal in B's table) is missing.
+    let rig = Rig::new(2);
+    {
+        let m = rig.open(fast());
+        rig.faults[1].fault_nth(Some(Op::Put), 1, FaultKind::Fail);
+        m.apply(vec![put("k", b"v")]).unwrap();
+    }
+    let only_b = vec![rig.stores().remove(1)];
+    let err = Mirror::open(only_b.clone(), fast()).err().expect("must refuse");
+    assert!(err.0.contains("missing"), "{}", err.0);
+    let ro = MirrorOptions { read_only: true, ..fast() };
+    assert!(Mirror::open(only_b, ro).is_ok(), "read-only inspection stays possible");
+}
+
+#[test]
+fn different_filesystems_are_refused() {
+    let a = Rig::new(1);
+    let b = Rig::new(1);
+    let mut stores = a.stores();
+    stores.extend(b.stores());
+    let err = Mirror::open(stores, fast()).err().expect("must refuse");
+    assert!(err.0.contains("different filesystems"), "{}", err.0);
+}
+
+#[test]
+fn unformatted_store_is_refused() {
+    let s: Arc<dyn Store> = Arc::new(MemoryStore::new("empty"));
+    let err = Mirror::open(vec![("empty".into(), s)], fast()).err().expect("must refuse");
+    assert!(err.0.contains("not a mirrorfs backend"), "{}", err.0);
+}
+
+/// A store whose puts wait until `n` puts (on any of the stores sharing the rendezvous) are
+/// in progress at once: a serial broadcaster can never get them all there.
+struct Rendezvous {
+    inner: MemoryStore,
+    meet: Arc<(parking_lot::Mutex<usize>, parking_lot::Condvar)>,
+    n: usize,
+}
+
+impl Store for Rendezvous {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn get(&self, key: &str) -> StoreResult<Vec<u8>> {
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> StoreResult<Vec<u8>> {
+        self.inner.get_range(key, offset, len)
+    }
+    fn put(&self, key: &str, data: &[u8]) -> StoreResult<()> {
+        if key != SUPERBLOCK_KEY {
+            let (count, cv) = &*self.meet;
+            let mut c = count.lock();
+            *c += 1;
+            cv.notify_all();
+            while *c < self.n {
+                if cv.wait_for(&mut c, Duration::from_secs(10)).timed_out() {
+                    return Err(StoreError::Io(std::io::Error::other("alone at the rendezvous")));
+                }
+            }
+        }
+        self.inner.put(key, data)
+    }
+    fn write_at(&self, key: &str, offset: u64, data: &[u8]) -> StoreResult<()> {
+        self.inner.write_at(key, offset, data)
+    }
+    fn truncate(&self, key: &str, len: u64) -> StoreResult<()> {
+        self.inner.truncate(key, len)
+    }
+    fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key)
+    }
+    fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        self.inner.list(prefix)
+    }
+    fn sync(&self) -> StoreResult<()> {
+        Ok(())
+    }
+    fn ranged_writes(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn broadcast_runs_backends_in_parallel() {
+    let meet = Arc::new((parking_lot::Mutex::new(0), parking_lot::Condvar::new()));
+    let stores: Vec<(String, Arc<dyn Store>)> = (0..3)
+        .map(|i| {
+            let s = Rendezvous { inner: MemoryStore::new("r"), meet: Arc::clone(&meet), n: 3 };
+            (format!("r{i}"), Arc::new(s) as Arc<dyn Store>)
+        })
+        .collect();
+    format(&stores, &vec![]).unwrap();
+    let m = Mirror::open(stores, MirrorOptions { timeout: Duration::from_secs(30), ..fast() })
+        .unwrap();
+    m.apply(vec![put("k", b"v")]).unwrap();
+    assert_eq!(m.optimal_count(), 3, "every put met the others: the broadcast is parallel");
+}
