@@ -28,7 +28,11 @@ use crate::store::{LocalStore, Store};
 const READY_FD_ENV: &str = "MIRRORFS_READY_FD";
 
 #[derive(Parser, Debug)]
-#[command(name = "mirrorfs", version, about = "A FUSE filesystem mirrored over several backends")]
+#[command(
+    name = "mirrorfs",
+    version,
+    about = "A FUSE filesystem mirrored over several backends"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -118,7 +122,8 @@ fn clap_error(e: clap::Error) -> i32 {
             let _ = e.print();
             return 0;
         }
-        ErrorKind::MissingRequiredArgument | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+        ErrorKind::MissingRequiredArgument
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             let what = e
                 .get(ContextKind::InvalidArg)
                 .map(|v| v.to_string())
@@ -143,7 +148,10 @@ fn init(backends: &[PathBuf]) -> Result<(), Fail> {
             return Err(Fail(format!("backend {} does not exist", path.display())));
         }
         if !path.is_dir() {
-            return Err(Fail(format!("backend {} is not a directory", path.display())));
+            return Err(Fail(format!(
+                "backend {} is not a directory",
+                path.display()
+            )));
         }
         let mut entries = std::fs::read_dir(path)
             .map_err(|e| Fail(format!("backend {}: {e}", path.display())))?;
@@ -159,8 +167,10 @@ fn init(backends: &[PathBuf]) -> Result<(), Fail> {
 
     // SAFETY: getuid/getgid have no preconditions and cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let described: Vec<(String, Arc<dyn Store>)> =
-        stores.into_iter().map(|s| (s.describe(), Arc::new(s) as Arc<dyn Store>)).collect();
+    let described: Vec<(String, Arc<dyn Store>)> = stores
+        .into_iter()
+        .map(|s| (s.describe(), Arc::new(s) as Arc<dyn Store>))
+        .collect();
     match crate::mirror::format(&described, &Fs::root_batch(uid, gid)) {
         Ok(uuid) => {
             println!("formatted {} backend(s) as mirror {uuid}", described.len());
@@ -180,7 +190,11 @@ fn clean_backend(root: &Path) {
     if let Ok(entries) = std::fs::read_dir(root) {
         for entry in entries.flatten() {
             let p = entry.path();
-            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
         }
     }
 }
@@ -200,7 +214,11 @@ struct MountSettings {
 
 fn parse_options(opts: &[String]) -> Result<MountSettings, Fail> {
     let mut s = MountSettings::default();
-    for opt in opts.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
+    for opt in opts
+        .iter()
+        .flat_map(|o| o.split(','))
+        .filter(|o| !o.is_empty())
+    {
         let (key, value) = match opt.split_once('=') {
             Some((k, v)) => (k, Some(v)),
             None => (opt, None),
@@ -247,16 +265,22 @@ fn is_mount_point(path: &Path) -> bool {
         return false;
     };
     let want = path.to_string_lossy();
-    info.lines().any(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&want))
+    info.lines()
+        .any(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(&want))
 }
 
 fn unescape_mountinfo(field: &str) -> String {
-    field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
 }
 
 fn mount(args: MountArgs) -> Result<(), Fail> {
     if args.paths.len() < 2 {
-        return Err(Fail("missing argument: give at least one backend and a mount point".into()));
+        return Err(Fail(
+            "missing argument: give at least one backend and a mount point".into(),
+        ));
     }
     let mut settings = parse_options(&args.options)?;
     settings.min_optimal = args.min_optimal.or(settings.min_optimal);
@@ -266,7 +290,10 @@ fn mount(args: MountArgs) -> Result<(), Fail> {
         .iter()
         .flat_map(|p| {
             let s = p.to_string_lossy().into_owned();
-            s.split(':').filter(|x| !x.is_empty()).map(PathBuf::from).collect::<Vec<_>>()
+            s.split(':')
+                .filter(|x| !x.is_empty())
+                .map(PathBuf::from)
+                .collect::<Vec<_>>()
         })
         .collect();
     if backends.is_empty() {
@@ -281,14 +308,23 @@ fn mount(args: MountArgs) -> Result<(), Fail> {
 
 fn check_mountpoint(mnt: &Path) -> Result<(), Fail> {
     if !mnt.exists() {
-        return Err(Fail(format!("mount point {} does not exist", mnt.display())));
+        return Err(Fail(format!(
+            "mount point {} does not exist",
+            mnt.display()
+        )));
     }
     if !mnt.is_dir() {
-        return Err(Fail(format!("mount point {} is not a directory", mnt.display())));
+        return Err(Fail(format!(
+            "mount point {} is not a directory",
+            mnt.display()
+        )));
     }
     let canon = mnt.canonicalize()?;
     if is_mount_point(&canon) {
-        return Err(Fail(format!("mount point {} is busy: already mounted", mnt.display())));
+        return Err(Fail(format!(
+            "mount point {} is busy: already mounted",
+            mnt.display()
+        )));
     }
     Ok(())
 }
@@ -299,7 +335,8 @@ fn open_stores(backends: &[PathBuf]) -> Result<Vec<(String, Arc<dyn Store>)>, Fa
         if !b.exists() {
             return Err(Fail(format!("backend {} does not exist", b.display())));
         }
-        let store = LocalStore::open(b).map_err(|e| Fail(format!("backend {}: {e}", b.display())))?;
+        let store =
+            LocalStore::open(b).map_err(|e| Fail(format!("backend {}: {e}", b.display())))?;
         stores.push((store.describe(), Arc::new(store)));
     }
     Ok(stores)
@@ -322,7 +359,11 @@ fn run_foreground(backends: &[PathBuf], mnt: &Path, s: MountSettings) -> Result<
         opts.timeout = Duration::from_secs_f64(t);
     }
     let mirror = Arc::new(Mirror::open(stores, opts)?);
+    let read_only = mirror.read_only();
     let fs = Arc::new(Fs::new(mirror).map_err(|e| Fail(format!("cannot read the root: {e}")))?);
+    if !read_only {
+        Fs::start_writeback(&fs);
+    }
 
     let mut config = fuser::Config::default();
     let source: Vec<String> = backends.iter().map(|b| b.display().to_string()).collect();
@@ -341,34 +382,64 @@ fn run_foreground(backends: &[PathBuf], mnt: &Path, s: MountSettings) -> Result<
     let mut session = fuser::Session::new(MirrorFuse::new(fs), mnt, &config)
         .map_err(|e| Fail(format!("cannot mount on {}: {e}", mnt.display())))?;
     info!("mounted {} on {}", source.join(", "), mnt.display());
+    // Runs once the session serves requests: the stat it needs is answered by this process.
+    let mnt_owned = mnt.to_path_buf();
+    std::thread::spawn(move || raise_readahead(&mnt_owned));
     let unmounter = session.unmount_callable();
     spawn_signal_handler(unmounter, mnt.to_path_buf())?;
     let _ = report_ready(Ok(()));
-    session.run().map_err(|e| Fail(format!("session ended with an error: {e}")))?;
+    session
+        .run()
+        .map_err(|e| Fail(format!("session ended with an error: {e}")))?;
     info!("unmounted {}", mnt.display());
     Ok(())
+}
+
+/// Lets the kernel read ahead up to [`crate::fuse::MAX_IO`] bytes per request on this mount
+/// (the default of 128 KiB makes large sequential reads pay the per-request cost eight times
+/// as often). Best effort: needs root, and only changes this mount's own bdi.
+fn raise_readahead(mnt: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(mnt) else {
+        return;
+    };
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    let kib = crate::fuse::MAX_IO / 1024;
+    if let Err(e) = std::fs::write(&path, format!("{kib}\n")) {
+        log::debug!("cannot raise readahead via {path}: {e}");
+    }
 }
 
 /// SIGINT, SIGTERM and SIGHUP unmount the filesystem; the session then ends normally.
 fn spawn_signal_handler(mut unmounter: fuser::SessionUnmounter, mnt: PathBuf) -> Result<(), Fail> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        for sig in signals.forever() {
-            info!("signal {sig}: unmounting {}", mnt.display());
-            if let Err(e) = unmounter.unmount() {
-                log::warn!("unmount of {} failed: {e}; retrying lazily", mnt.display());
-                let _ = std::process::Command::new("fusermount3").arg("-uz").arg(&mnt).status();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                info!("signal {sig}: unmounting {}", mnt.display());
+                if let Err(e) = unmounter.unmount() {
+                    log::warn!("unmount of {} failed: {e}; retrying lazily", mnt.display());
+                    let _ = std::process::Command::new("fusermount3")
+                        .arg("-uz")
+                        .arg(&mnt)
+                        .status();
+                }
             }
-        }
-    })?;
+        })?;
     Ok(())
 }
 
 /// Tells a waiting parent (see [`daemonize`]) that the mount is live, or why it is not.
 /// Returns false when there is no waiting parent.
 fn report_ready(result: Result<(), &str>) -> bool {
-    let Some(fd) = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok()) else {
+    let Some(fd) = std::env::var(READY_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
         return false;
     };
     std::env::remove_var(READY_FD_ENV);
@@ -387,7 +458,11 @@ fn report_ready(result: Result<(), &str>) -> bool {
 
 /// Points stdin, stdout and stderr at /dev/null so that a daemon holds no caller's pipe.
 fn detach_stdio() {
-    let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") else {
+    let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
         return;
     };
     for fd in 0..3 {
@@ -405,19 +480,26 @@ fn daemonize() -> Result<(), Fail> {
         return Err(Fail(format!("pipe: {}", std::io::Error::last_os_error())));
     }
     // SAFETY: both fds were just created by pipe2 and are owned here.
-    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // The child must inherit the write end: clear its close-on-exec flag.
     // SAFETY: fcntl on an fd we own.
     unsafe { libc::fcntl(write_end.as_raw_fd(), libc::F_SETFD, 0) };
 
     let mut args: Vec<OsString> = implicit_mount(std::env::args_os().collect());
-    let pos = args.iter().position(|a| a == "mount").expect("mount subcommand");
+    let pos = args
+        .iter()
+        .position(|a| a == "mount")
+        .expect("mount subcommand");
     args.insert(pos + 1, "-f".into());
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(&args[1..])
         .env(READY_FD_ENV, write_end.as_raw_fd().to_string())
         // Only warnings reach the terminal before the daemon detaches from it.
-        .env("MIRRORFS_LOG", std::env::var("MIRRORFS_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "MIRRORFS_LOG",
+            std::env::var("MIRRORFS_LOG").unwrap_or_else(|_| "warn,fuser=error".into()),
+        )
         .stdin(std::process::Stdio::null());
     // SAFETY: setsid is async-signal-safe and only detaches the child from our terminal.
     unsafe {
@@ -440,7 +522,9 @@ fn daemonize() -> Result<(), Fail> {
         }
         None => {
             let status = child.wait()?;
-            Err(Fail(format!("mount process exited before the mount was live ({status})")))
+            Err(Fail(format!(
+                "mount process exited before the mount was live ({status})"
+            )))
         }
     }
 }

@@ -19,9 +19,9 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 use log::{debug, error, warn};
 
@@ -47,7 +47,10 @@ pub struct MirrorFuse {
 impl MirrorFuse {
     /// Wraps a filesystem for mounting.
     pub fn new(fs: Arc<Fs>) -> MirrorFuse {
-        MirrorFuse { fs, pool: WorkerPool::new("fuse", WORKERS) }
+        MirrorFuse {
+            fs,
+            pool: WorkerPool::new("fuse", WORKERS),
+        }
     }
 
     /// Runs `f` on a worker with a handle to the filesystem.
@@ -100,7 +103,10 @@ fn errno(op: &str, ino: u64, e: FsError) -> Errno {
 }
 
 fn caller(req: &Request) -> Caller {
-    Caller { uid: req.uid(), gid: req.gid() }
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
 }
 
 fn reply_entry(reply: ReplyEntry, op: &str, parent: u64, r: Result<InodeRecord, FsError>) {
@@ -139,7 +145,8 @@ impl Filesystem for MirrorFuse {
             warn!("kernel limits writes to {max} bytes");
         }
         let _ = config.set_max_readahead(MAX_IO);
-        let wanted = fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO;
+        let wanted =
+            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO;
         let _ = config.add_capabilities(wanted);
         Ok(())
     }
@@ -215,7 +222,12 @@ impl Filesystem for MirrorFuse {
         let (who, name) = (caller(req), name.as_bytes().to_vec());
         let mode = mode & !(umask & 0o777) | (mode & libc::S_IFMT);
         self.spawn(move |fs| {
-            reply_entry(reply, "mknod", parent.0, fs.mknod(who, parent.0, &name, mode, rdev))
+            reply_entry(
+                reply,
+                "mknod",
+                parent.0,
+                fs.mknod(who, parent.0, &name, mode, rdev),
+            )
         });
     }
 
@@ -231,7 +243,12 @@ impl Filesystem for MirrorFuse {
         let (who, name) = (caller(req), name.as_bytes().to_vec());
         let mode = mode & !umask;
         self.spawn(move |fs| {
-            reply_entry(reply, "mkdir", parent.0, fs.mkdir(who, parent.0, &name, mode))
+            reply_entry(
+                reply,
+                "mkdir",
+                parent.0,
+                fs.mkdir(who, parent.0, &name, mode),
+            )
         });
     }
 
@@ -257,7 +274,12 @@ impl Filesystem for MirrorFuse {
         let name = link_name.as_bytes().to_vec();
         let target = target.as_os_str().as_bytes().to_vec();
         self.spawn(move |fs| {
-            reply_entry(reply, "symlink", parent.0, fs.symlink(who, parent.0, &name, &target))
+            reply_entry(
+                reply,
+                "symlink",
+                parent.0,
+                fs.symlink(who, parent.0, &name, &target),
+            )
         });
     }
 
@@ -425,10 +447,18 @@ impl Filesystem for MirrorFuse {
             };
             for (i, entry) in listing.iter().enumerate().skip(offset as usize) {
                 // An entry removed since opendir is skipped rather than failing the listing.
-                let Ok(rec) = fs.getattr(entry.ino) else { continue };
+                let Ok(rec) = fs.getattr(entry.ino) else {
+                    continue;
+                };
                 let name = OsStr::from_bytes(&entry.name);
-                if reply.add(INodeNo(entry.ino), i as u64 + 1, name, &TTL, &attr(&rec), Generation(0))
-                {
+                if reply.add(
+                    INodeNo(entry.ino),
+                    i as u64 + 1,
+                    name,
+                    &TTL,
+                    &attr(&rec),
+                    Generation(0),
+                ) {
                     break;
                 }
             }
@@ -465,7 +495,16 @@ impl Filesystem for MirrorFuse {
             let blocks = st.total_bytes / bsize;
             let bfree = st.free_bytes / bsize;
             let ffree = u64::from(u32::MAX);
-            reply.statfs(blocks, bfree, bfree, st.files + ffree, ffree, bsize as u32, 255, 4096);
+            reply.statfs(
+                blocks,
+                bfree,
+                bfree,
+                st.files + ffree,
+                ffree,
+                bsize as u32,
+                255,
+                4096,
+            );
         });
     }
 
@@ -490,7 +529,9 @@ impl Filesystem for MirrorFuse {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name.as_bytes().to_vec();
-        self.spawn(move |fs| reply_xattr(reply, size, "getxattr", ino.0, fs.getxattr(ino.0, &name)));
+        self.spawn(move |fs| {
+            reply_xattr(reply, size, "getxattr", ino.0, fs.getxattr(ino.0, &name))
+        });
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -508,6 +549,109 @@ impl Filesystem for MirrorFuse {
         self.spawn(move |fs| reply_empty(reply, "access", ino.0, fs.getattr(ino.0).map(|_| ())));
     }
 
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if mode != 0 {
+            // Punching holes, zeroing and collapsing ranges are not supported.
+            reply.error(Errno::EOPNOTSUPP);
+            return;
+        }
+        self.spawn(move |fs| {
+            reply_empty(
+                reply,
+                "fallocate",
+                ino.0,
+                fs.allocate(ino.0, offset, length),
+            )
+        });
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No ioctls are supported; ENOTTY is what tools like isatty() expect to hear.
+        reply.error(Errno::ENOTTY);
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        _typ: i32,
+        _pid: u32,
+        reply: fuser::ReplyLock,
+    ) {
+        // ENOSYS makes the kernel manage POSIX locks itself, which is correct for a
+        // filesystem that only this mount accesses.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        _typ: i32,
+        _pid: u32,
+        _sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        // ENOSYS: the kernel answers lseek itself (SEEK_DATA/SEEK_HOLE see no holes).
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        // ENOSYS: the kernel falls back to reading and writing.
+        reply.error(Errno::ENOSYS);
+    }
+
     fn create(
         &self,
         req: &Request,
@@ -520,15 +664,17 @@ impl Filesystem for MirrorFuse {
     ) {
         let (who, name) = (caller(req), name.as_bytes().to_vec());
         let mode = mode & !umask;
-        self.spawn(move |fs| match fs.create(who, parent.0, &name, mode, flags) {
-            Ok((rec, fh)) => reply.created(
-                &TTL,
-                &attr(&rec),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
-            Err(e) => reply.error(errno("create", parent.0, e)),
-        });
+        self.spawn(
+            move |fs| match fs.create(who, parent.0, &name, mode, flags) {
+                Ok((rec, fh)) => reply.created(
+                    &TTL,
+                    &attr(&rec),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(errno("create", parent.0, e)),
+            },
+        );
     }
 }

@@ -7,7 +7,7 @@
 //! | `superblock`                          | [`Superblock`], JSON                           |
 //! | `i/<ino % 256>/<ino>`                 | [`InodeRecord`]: attributes, xattrs, symlink   |
 //! | `d/<parent % 256>/<parent>/<hash>`    | [`DirentRecord`]: one entry of a directory     |
-//! | `b/<ino % 256>/<ino>/<index>`         | bytes `[index * block_size, ...)` of a file    |
+//! | `b/<ino % 256>/<ino>.<index>`         | bytes `[index * block_size, ...)` of a file    |
 //!
 //! Numbers are lower-case hex. `<hash>` is the first 128 bits of the BLAKE3 hash of the entry
 //! name, so that names of up to 255 arbitrary bytes become short, fixed-size keys; the name
@@ -20,6 +20,9 @@
 //! - A data block is written in place with a ranged write, so a 4 KiB write into a large
 //!   file changes about 4 KiB on a local directory store. A block that does not exist, or
 //!   bytes past its end, read as zeros: this is how holes are represented.
+//! - Every block of a file has an index below the inode's `blocks_hw` (high-water mark), which
+//!   is written before any block at or above it. Removing or truncating a file therefore
+//!   knows which block keys may exist without listing anything, even after a crash.
 
 use serde::{Deserialize, Serialize};
 
@@ -61,17 +64,7 @@ pub fn dirent_key(parent: u64, name: &[u8]) -> String {
 
 /// Key of data block `index` of file `ino`.
 pub fn block_key(ino: u64, index: u64) -> String {
-    format!("b/{:02x}/{:016x}/{:08x}", ino & 0xff, ino, index)
-}
-
-/// Prefix of all data blocks of file `ino`.
-pub fn block_prefix(ino: u64) -> String {
-    format!("b/{:02x}/{:016x}/", ino & 0xff, ino)
-}
-
-/// Parses the block index out of a key produced by [`block_key`].
-pub fn block_index(key: &str) -> Option<u64> {
-    u64::from_str_radix(key.rsplit('/').next()?, 16).ok()
+    format!("b/{:02x}/{:016x}.{:08x}", ino & 0xff, ino, index)
 }
 
 /// The kinds of inode.
@@ -132,7 +125,10 @@ impl Timestamp {
     /// Converts from `SystemTime`, including times before the epoch.
     pub fn from_system(t: std::time::SystemTime) -> Timestamp {
         match t.duration_since(std::time::UNIX_EPOCH) {
-            Ok(d) => Timestamp { secs: d.as_secs() as i64, nsecs: d.subsec_nanos() },
+            Ok(d) => Timestamp {
+                secs: d.as_secs() as i64,
+                nsecs: d.subsec_nanos(),
+            },
             Err(e) => {
                 let d = e.duration();
                 let mut secs = -(d.as_secs() as i64);
@@ -177,6 +173,9 @@ pub struct InodeRecord {
     /// For a directory, the directory that holds it (the root is its own parent).
     #[serde(default)]
     pub parent: u64,
+    /// Every data block of a file has an index below this (see the module docs).
+    #[serde(default)]
+    pub blocks_hw: u64,
     /// Target of a symbolic link.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Vec<u8>>,
@@ -203,6 +202,7 @@ impl InodeRecord {
             ctime: now,
             crtime: now,
             parent: 0,
+            blocks_hw: 0,
             target: None,
             xattrs: Vec::new(),
         }
@@ -304,15 +304,20 @@ mod tests {
         assert!(k.len() < 80, "{k}");
         assert_ne!(dirent_key(7, b"a"), dirent_key(7, b"b"));
         assert!(k.starts_with(&dir_prefix(7)));
-        assert_eq!(block_index(&block_key(3, 0x1234)), Some(0x1234));
-        assert!(block_key(3, 1).starts_with(&block_prefix(3)));
+        assert_ne!(block_key(3, 1), block_key(3, 2));
     }
 
     #[test]
     fn timestamps_round_trip_before_epoch() {
-        let t = Timestamp { secs: -5, nsecs: 250 };
+        let t = Timestamp {
+            secs: -5,
+            nsecs: 250,
+        };
         assert_eq!(Timestamp::from_system(t.to_system()), t);
-        let t = Timestamp { secs: 1_700_000_000, nsecs: 999_999_999 };
+        let t = Timestamp {
+            secs: 1_700_000_000,
+            nsecs: 999_999_999,
+        };
         assert_eq!(Timestamp::from_system(t.to_system()), t);
     }
 }

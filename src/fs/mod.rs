@@ -39,9 +39,10 @@ mod error;
 
 pub use error::{FsError, FsResult};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use dashmap::DashMap;
 use log::{debug, error};
@@ -144,10 +145,21 @@ pub struct Fs {
     ns: Mutex<()>,
     handles: DashMap<u64, Handle>,
     next_fh: AtomicU64,
+    /// Inodes whose record changed in memory but not on the backends.
+    dirty: Mutex<HashSet<u64>>,
+    /// Held while dirty inodes are written back; `true` once the filesystem is shut down,
+    /// after which nothing is written.
+    closed: Mutex<bool>,
 }
 
+/// How often inodes with unwritten times and sizes are written back.
+pub const WRITEBACK_INTERVAL: Duration = Duration::from_secs(1);
+
 fn persist(rec: &InodeRecord) -> Mutation {
-    Mutation::Put { key: inode_key(rec.ino), data: rec.encode().into() }
+    Mutation::Rewrite {
+        key: inode_key(rec.ino),
+        data: rec.encode().into(),
+    }
 }
 
 fn check_name(name: &[u8]) -> FsResult<()> {
@@ -165,14 +177,20 @@ fn lock_all<'a>(nodes: &'a [(u64, Arc<Node>)]) -> Vec<(u64, MutexGuard<'a, NodeS
     let mut sorted: Vec<&(u64, Arc<Node>)> = nodes.iter().collect();
     sorted.sort_by_key(|(ino, _)| *ino);
     sorted.dedup_by_key(|(ino, _)| *ino);
-    sorted.into_iter().map(|(ino, n)| (*ino, n.state.lock())).collect()
+    sorted
+        .into_iter()
+        .map(|(ino, n)| (*ino, n.state.lock()))
+        .collect()
 }
 
 fn guard_of<'g, 'a>(
     guards: &'g mut [(u64, MutexGuard<'a, NodeState>)],
     ino: u64,
 ) -> &'g mut NodeState {
-    let (_, g) = guards.iter_mut().find(|(i, _)| *i == ino).expect("node locked");
+    let (_, g) = guards
+        .iter_mut()
+        .find(|(i, _)| *i == ino)
+        .expect("node locked");
     g
 }
 
@@ -188,9 +206,62 @@ impl Fs {
             ns: Mutex::new(()),
             handles: DashMap::new(),
             next_fh: AtomicU64::new(1),
+            dirty: Mutex::new(HashSet::new()),
+            closed: Mutex::new(false),
         };
         fs.node(ROOT_INO)?;
         Ok(fs)
+    }
+
+    /// Starts the thread that writes back dirty inodes every [`WRITEBACK_INTERVAL`]; it ends
+    /// when the filesystem is shut down or dropped.
+    pub fn start_writeback(fs: &Arc<Fs>) {
+        let weak = Arc::downgrade(fs);
+        let spawned = std::thread::Builder::new()
+            .name("writeback".into())
+            .spawn(move || loop {
+                std::thread::sleep(WRITEBACK_INTERVAL);
+                let Some(fs) = weak.upgrade() else { return };
+                let closed = fs.closed.lock();
+                if *closed {
+                    return;
+                }
+                if let Err(e) = fs.write_back_dirty() {
+                    error!("writing back inodes failed: {e}");
+                }
+            });
+        if let Err(e) = spawned {
+            error!("cannot start the writeback thread: {e}");
+        }
+    }
+
+    /// Marks (or clears) unwritten changes of a locked node.
+    fn set_dirty(&self, ino: u64, st: &mut NodeState, dirty: bool) {
+        st.dirty = dirty;
+        if dirty {
+            self.dirty.lock().insert(ino);
+        }
+    }
+
+    /// Writes back every inode whose record changed only in memory.
+    fn write_back_dirty(&self) -> FsResult<()> {
+        let inos: Vec<u64> = self.dirty.lock().drain().collect();
+        for (i, &ino) in inos.iter().enumerate() {
+            let Some(node) = self.nodes.get(&ino).map(|n| Arc::clone(&n)) else {
+                continue;
+            };
+            let mut st = node.state.lock();
+            let gone = st.rec.nlink == 0 && st.open == 0;
+            if st.dirty && !gone {
+                if let Err(e) = self.mirror.apply(vec![persist(&st.rec)]) {
+                    // Keep what is still unwritten for the next attempt.
+                    self.dirty.lock().extend(&inos[i..]);
+                    return Err(e.into());
+                }
+            }
+            st.dirty = false;
+        }
+        Ok(())
     }
 
     /// The mirror below this filesystem.
@@ -224,7 +295,11 @@ impl Fs {
             FsError::Corrupt(inode_key(ino))
         })?;
         let node = Arc::new(Node {
-            state: Mutex::new(NodeState { rec, dirty: false, open: 0 }),
+            state: Mutex::new(NodeState {
+                rec,
+                dirty: false,
+                open: 0,
+            }),
         });
         Ok(Arc::clone(&self.nodes.entry(ino).or_insert(node)))
     }
@@ -306,7 +381,9 @@ impl Fs {
         name: &[u8],
         mode: u32,
     ) -> FsResult<InodeRecord> {
-        self.create_node(caller, parent, name, Kind::Dir, mode, |rec| rec.parent = parent)
+        self.create_node(caller, parent, name, Kind::Dir, mode, |rec| {
+            rec.parent = parent
+        })
     }
 
     /// Creates a symbolic link to `target`.
@@ -371,27 +448,47 @@ impl Fs {
                 rec.perm |= libc::S_ISGID;
             }
         }
+        if kind == Kind::File {
+            rec.blocks_hw = 1;
+        }
         init(&mut rec);
 
         let mut prec = pst.rec.clone();
         prec.mtime = rec.ctime;
         prec.ctime = rec.ctime;
-        if kind == Kind::Dir {
-            prec.nlink += 1;
-        }
-        let entry = DirentRecord { name: name.to_vec(), ino, kind };
-        let batch = vec![
-            persist(&rec),
-            Mutation::Put { key: dirent_key(parent, name), data: entry.encode().into() },
-            persist(&prec),
+        let entry = DirentRecord {
+            name: name.to_vec(),
+            ino,
+            kind,
+        };
+        let mut batch = vec![
+            Mutation::Create {
+                key: inode_key(ino),
+                data: rec.encode().into(),
+            },
+            Mutation::Create {
+                key: dirent_key(parent, name),
+                data: entry.encode().into(),
+            },
         ];
+        // A new subdirectory changes the parent's link count, which is written at once;
+        // otherwise only the parent's times change, and they are written later.
+        let parent_now = kind == Kind::Dir;
+        if parent_now {
+            prec.nlink += 1;
+            batch.push(persist(&prec));
+        }
         self.mirror.apply(batch)?;
 
         pst.rec = prec;
-        pst.dirty = false;
+        self.set_dirty(parent, &mut pst, !parent_now);
         drop(pst);
         let node = Arc::new(Node {
-            state: Mutex::new(NodeState { rec: rec.clone(), dirty: false, open: 0 }),
+            state: Mutex::new(NodeState {
+                rec: rec.clone(),
+                dirty: false,
+                open: 0,
+            }),
         });
         self.nodes.insert(ino, node);
         if kind == Kind::Dir {
@@ -429,18 +526,24 @@ impl Fs {
         let mut prec = guard_of(&mut guards, parent).rec.clone();
         prec.mtime = now;
         prec.ctime = now;
-        let entry = DirentRecord { name: name.to_vec(), ino, kind: rec.kind };
+        let entry = DirentRecord {
+            name: name.to_vec(),
+            ino,
+            kind: rec.kind,
+        };
         self.mirror.apply(vec![
-            Mutation::Put { key: dirent_key(parent, name), data: entry.encode().into() },
+            Mutation::Create {
+                key: dirent_key(parent, name),
+                data: entry.encode().into(),
+            },
             persist(&rec),
-            persist(&prec),
         ])?;
         let st = guard_of(&mut guards, ino);
         st.rec = rec.clone();
         st.dirty = false;
         let pst = guard_of(&mut guards, parent);
         pst.rec = prec;
-        pst.dirty = false;
+        self.set_dirty(parent, pst, true);
         dir.write().insert(name.to_vec(), (ino, rec.kind));
         Ok(rec)
     }
@@ -478,7 +581,9 @@ impl Fs {
         let mut guards = lock_all(&nodes);
         let now = Timestamp::now();
 
-        let mut batch = vec![Mutation::Delete { key: dirent_key(parent, name) }];
+        let mut batch = vec![Mutation::Delete {
+            key: dirent_key(parent, name),
+        }];
         let mut prec = guard_of(&mut guards, parent).rec.clone();
         prec.mtime = now;
         prec.ctime = now;
@@ -492,7 +597,10 @@ impl Fs {
         }
         rec.ctime = now;
         batch.extend(self.unlinked_node_mutations(&rec, st.open));
-        batch.push(persist(&prec));
+        let parent_now = kind == Kind::Dir;
+        if parent_now {
+            batch.push(persist(&prec));
+        }
         self.mirror.apply(batch)?;
 
         let st = guard_of(&mut guards, ino);
@@ -500,7 +608,7 @@ impl Fs {
         st.dirty = false;
         let pst = guard_of(&mut guards, parent);
         pst.rec = prec;
-        pst.dirty = false;
+        self.set_dirty(parent, pst, !parent_now);
         drop(guards);
         dir.write().remove(name);
         if kind == Kind::Dir {
@@ -515,16 +623,21 @@ impl Fs {
         if rec.nlink > 0 || open > 0 {
             return vec![persist(rec)];
         }
-        self.destroy_mutations(rec.ino, rec.kind)
+        self.destroy_mutations(rec)
     }
 
-    fn destroy_mutations(&self, ino: u64, kind: Kind) -> Vec<Mutation> {
-        let mut batch = Vec::new();
-        if kind == Kind::File {
-            batch.push(Mutation::TrimBlocks { ino, from: 0 });
-        }
-        batch.push(Mutation::Delete { key: inode_key(ino) });
-        batch
+    fn destroy_mutations(&self, rec: &InodeRecord) -> Vec<Mutation> {
+        let ino = rec.ino;
+        vec![
+            Mutation::Delete {
+                key: inode_key(ino),
+            },
+            Mutation::TrimBlocks {
+                ino,
+                from: 0,
+                to: rec.blocks_hw,
+            },
+        ]
     }
 
     // ----- rename --------------------------------------------------------------------------
@@ -608,10 +721,19 @@ impl Fs {
             }
         }
 
-        let entry = DirentRecord { name: newname.to_vec(), ino, kind };
+        let entry = DirentRecord {
+            name: newname.to_vec(),
+            ino,
+            kind,
+        };
         let mut batch = vec![
-            Mutation::Put { key: dirent_key(newparent, newname), data: entry.encode().into() },
-            Mutation::Delete { key: dirent_key(parent, name) },
+            Mutation::Put {
+                key: dirent_key(newparent, newname),
+                data: entry.encode().into(),
+            },
+            Mutation::Delete {
+                key: dirent_key(parent, name),
+            },
             persist(&rec),
         ];
         let mut trec = None;
@@ -728,11 +850,25 @@ impl Fs {
         if tkind != Kind::Dir {
             recs.get_mut(&tino).expect("dst").parent = 0;
         }
-        let a = DirentRecord { name: newname.to_vec(), ino, kind };
-        let b = DirentRecord { name: name.to_vec(), ino: tino, kind: tkind };
+        let a = DirentRecord {
+            name: newname.to_vec(),
+            ino,
+            kind,
+        };
+        let b = DirentRecord {
+            name: name.to_vec(),
+            ino: tino,
+            kind: tkind,
+        };
         let mut batch = vec![
-            Mutation::Put { key: dirent_key(newparent, newname), data: a.encode().into() },
-            Mutation::Put { key: dirent_key(parent, name), data: b.encode().into() },
+            Mutation::Put {
+                key: dirent_key(newparent, newname),
+                data: a.encode().into(),
+            },
+            Mutation::Put {
+                key: dirent_key(parent, name),
+                data: b.encode().into(),
+            },
         ];
         batch.extend(recs.values().map(persist));
         self.mirror.apply(batch)?;
@@ -742,8 +878,12 @@ impl Fs {
             st.dirty = false;
         }
         drop(guards);
-        self.dir(parent)?.write().insert(name.to_vec(), (tino, tkind));
-        self.dir(newparent)?.write().insert(newname.to_vec(), (ino, kind));
+        self.dir(parent)?
+            .write()
+            .insert(name.to_vec(), (tino, tkind));
+        self.dir(newparent)?
+            .write()
+            .insert(newname.to_vec(), (ino, kind));
         Ok(())
     }
 
@@ -766,7 +906,7 @@ impl Fs {
             if size > MAX_FILE_SIZE {
                 return Err(FsError::TooBig);
             }
-            batch.extend(self.cut_at(ino, size.min(rec.size)));
+            batch.extend(self.cut_at(&rec, size.min(rec.size)));
             rec.size = size;
             rec.mtime = now;
         }
@@ -797,18 +937,46 @@ impl Fs {
         Ok(rec)
     }
 
+    /// `fallocate` mode 0: makes the file at least `offset + length` bytes long. Space is
+    /// not reserved on the backends (blocks are written when data is).
+    pub fn allocate(&self, ino: u64, offset: u64, length: u64) -> FsResult<()> {
+        let end = offset.checked_add(length).ok_or(FsError::TooBig)?;
+        let size = self.getattr(ino)?.size;
+        if end > size {
+            self.setattr(
+                ino,
+                SetAttr {
+                    size: Some(end),
+                    ..SetAttr::default()
+                },
+            )?;
+        }
+        Ok(())
+    }
+
     /// Mutations that make every byte at or after `at` read as zeros: the block holding
-    /// `at` is cut there and every later block is removed.
-    fn cut_at(&self, ino: u64, at: u64) -> Vec<Mutation> {
+    /// `at` is cut there and every later block (below the high-water mark) is removed.
+    fn cut_at(&self, rec: &InodeRecord, at: u64) -> Vec<Mutation> {
+        let ino = rec.ino;
         let index = at / self.block_size;
         let within = at % self.block_size;
-        if within == 0 {
-            return vec![Mutation::TrimBlocks { ino, from: index }];
+        let mut batch = Vec::new();
+        let mut first_gone = index;
+        if within > 0 && index < rec.blocks_hw {
+            batch.push(Mutation::Truncate {
+                key: block_key(ino, index),
+                len: within,
+            });
+            first_gone = index + 1;
         }
-        vec![
-            Mutation::Truncate { key: block_key(ino, index), len: within },
-            Mutation::TrimBlocks { ino, from: index + 1 },
-        ]
+        if first_gone < rec.blocks_hw {
+            batch.push(Mutation::TrimBlocks {
+                ino,
+                from: first_gone,
+                to: rec.blocks_hw,
+            });
+        }
+        batch
     }
 
     /// The target of a symbolic link.
@@ -835,7 +1003,15 @@ impl Fs {
         drop(st);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let append = flags & libc::O_APPEND != 0;
-        self.handles.insert(fh, Handle { ino, append, writable, listing: None });
+        self.handles.insert(
+            fh,
+            Handle {
+                ino,
+                append,
+                writable,
+                listing: None,
+            },
+        );
         Ok(fh)
     }
 
@@ -854,13 +1030,24 @@ impl Fs {
             return Err(FsError::Invalid);
         }
         let offset = if append { st.rec.size } else { offset };
-        let end = offset.checked_add(data.len() as u64).ok_or(FsError::TooBig)?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(FsError::TooBig)?;
         if end > MAX_FILE_SIZE {
             return Err(FsError::TooBig);
         }
+        if data.is_empty() {
+            return Ok(0);
+        }
         let mut batch = Vec::new();
+        let last_index = (end - 1) / self.block_size;
+        if last_index >= st.rec.blocks_hw {
+            // Record the new high-water mark before any block above the old one exists.
+            st.rec.blocks_hw = (last_index + 1).next_power_of_two();
+            batch.push(persist(&st.rec));
+        }
         if offset > st.rec.size {
-            batch.extend(self.cut_at(ino, st.rec.size));
+            batch.extend(self.cut_at(&st.rec, st.rec.size));
         }
         let mut pos = offset;
         let mut rest = data;
@@ -881,7 +1068,7 @@ impl Fs {
         st.rec.size = st.rec.size.max(end);
         st.rec.mtime = now;
         st.rec.ctime = now;
-        st.dirty = true;
+        self.set_dirty(ino, &mut st, true);
         Ok(data.len() as u32)
     }
 
@@ -954,7 +1141,7 @@ impl Fs {
         let mut st = node.state.lock();
         st.open = st.open.saturating_sub(1);
         if st.open == 0 && st.rec.nlink == 0 && !self.mirror.read_only() {
-            self.mirror.apply(self.destroy_mutations(h.ino, st.rec.kind))?;
+            self.mirror.apply(self.destroy_mutations(&st.rec))?;
             st.dirty = false;
         } else if st.dirty && !self.mirror.read_only() {
             self.mirror.apply(vec![persist(&st.rec)])?;
@@ -974,14 +1161,31 @@ impl Fs {
         let dir = self.dir(ino)?;
         let parent = if rec.parent == 0 { ino } else { rec.parent };
         let mut listing = vec![
-            DirEntry { name: b".".to_vec(), ino, kind: Kind::Dir },
-            DirEntry { name: b"..".to_vec(), ino: parent, kind: Kind::Dir },
+            DirEntry {
+                name: b".".to_vec(),
+                ino,
+                kind: Kind::Dir,
+            },
+            DirEntry {
+                name: b"..".to_vec(),
+                ino: parent,
+                kind: Kind::Dir,
+            },
         ];
         for (name, (child, kind)) in dir.read().iter() {
-            listing.push(DirEntry { name: name.clone(), ino: *child, kind: *kind });
+            listing.push(DirEntry {
+                name: name.clone(),
+                ino: *child,
+                kind: *kind,
+            });
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let handle = Handle { ino, append: false, writable: false, listing: Some(listing.into()) };
+        let handle = Handle {
+            ino,
+            append: false,
+            writable: false,
+            listing: Some(listing.into()),
+        };
         self.handles.insert(fh, handle);
         Ok(fh)
     }
@@ -1031,7 +1235,10 @@ impl Fs {
         self.write_guard()?;
         check_xattr_name(name)?;
         self.update_xattrs(ino, |xattrs| {
-            let pos = xattrs.iter().position(|(n, _)| n == name).ok_or(FsError::NoAttr)?;
+            let pos = xattrs
+                .iter()
+                .position(|(n, _)| n == name)
+                .ok_or(FsError::NoAttr)?;
             xattrs.remove(pos);
             Ok(())
         })
@@ -1077,7 +1284,11 @@ impl Fs {
     /// Space figures for `statfs`.
     pub fn statfs(&self) -> FsStats {
         let (total_bytes, free_bytes) = self.mirror.space().unwrap_or((0, 0));
-        FsStats { total_bytes, free_bytes, files: self.nodes.len() as u64 }
+        FsStats {
+            total_bytes,
+            free_bytes,
+            files: self.nodes.len() as u64,
+        }
     }
 
     /// Writes back every inode with unwritten changes and closes the mirror cleanly.
@@ -1085,14 +1296,12 @@ impl Fs {
         if self.mirror.read_only() {
             return Ok(());
         }
-        let nodes: Vec<Arc<Node>> = self.nodes.iter().map(|e| Arc::clone(e.value())).collect();
-        for node in nodes {
-            let mut st = node.state.lock();
-            if st.dirty {
-                self.mirror.apply(vec![persist(&st.rec)])?;
-                st.dirty = false;
-            }
+        let mut closed = self.closed.lock();
+        if *closed {
+            return Ok(());
         }
+        *closed = true;
+        self.write_back_dirty()?;
         self.mirror.close()?;
         Ok(())
     }
@@ -1108,7 +1317,10 @@ fn check_xattr_name(name: &[u8]) -> FsResult<()> {
         return Err(FsError::TooBig);
     }
     let known = [&b"user."[..], b"trusted.", b"security."];
-    if known.iter().any(|p| name.starts_with(p) && name.len() > p.len()) {
+    if known
+        .iter()
+        .any(|p| name.starts_with(p) && name.len() > p.len())
+    {
         Ok(())
     } else {
         Err(FsError::NotSupported)

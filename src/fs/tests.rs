@@ -6,7 +6,10 @@ use super::*;
 use crate::mirror::{format, MirrorOptions};
 use crate::store::{FaultStore, MemoryStore, Store};
 
-const ME: Caller = Caller { uid: 1000, gid: 1000 };
+const ME: Caller = Caller {
+    uid: 1000,
+    gid: 1000,
+};
 
 struct Rig {
     mem: Vec<Arc<MemoryStore>>,
@@ -15,8 +18,9 @@ struct Rig {
 
 impl Rig {
     fn new(n: usize) -> Rig {
-        let mem: Vec<Arc<MemoryStore>> =
-            (0..n).map(|i| Arc::new(MemoryStore::new(&format!("m{i}")))).collect();
+        let mem: Vec<Arc<MemoryStore>> = (0..n)
+            .map(|i| Arc::new(MemoryStore::new(&format!("m{i}"))))
+            .collect();
         let counters: Vec<Arc<FaultStore>> = mem
             .iter()
             .map(|m| Arc::new(FaultStore::new(Arc::clone(m) as Arc<dyn Store>)))
@@ -28,7 +32,9 @@ impl Rig {
 
     fn stores(&self) -> Vec<(String, Arc<dyn Store>)> {
         let named = self.counters.iter().enumerate();
-        named.map(|(i, s)| (format!("m{i}"), Arc::clone(s) as Arc<dyn Store>)).collect()
+        named
+            .map(|(i, s)| (format!("m{i}"), Arc::clone(s) as Arc<dyn Store>))
+            .collect()
     }
 
     fn fs(&self) -> Fs {
@@ -55,7 +61,9 @@ impl Rig {
 }
 
 fn write_file(fs: &Fs, parent: u64, name: &str, data: &[u8]) -> u64 {
-    let (rec, fh) = fs.create(ME, parent, name.as_bytes(), 0o644, libc::O_RDWR).unwrap();
+    let (rec, fh) = fs
+        .create(ME, parent, name.as_bytes(), 0o644, libc::O_RDWR)
+        .unwrap();
     fs.write(rec.ino, fh, 0, data).unwrap();
     fs.flush(rec.ino).unwrap();
     fs.release(fh).unwrap();
@@ -77,13 +85,17 @@ fn files_and_directories_persist_across_remount() {
         fs.link(ino, ROOT_INO, b"hard").unwrap();
         fs.symlink(ME, ROOT_INO, b"sym", b"dir/f").unwrap();
         fs.setxattr(ino, b"user.k", b"v", false, false).unwrap();
-        fs.mknod(ME, ROOT_INO, b"fifo", libc::S_IFIFO | 0o600, 0).unwrap();
+        fs.mknod(ME, ROOT_INO, b"fifo", libc::S_IFIFO | 0o600, 0)
+            .unwrap();
         fs.shutdown().unwrap();
     }
     rig.assert_identical();
     let fs = rig.fs();
     let d = fs.lookup(ROOT_INO, b"dir").unwrap();
-    assert_eq!((d.kind, d.perm, d.uid, d.nlink), (Kind::Dir, 0o750, 1000, 2));
+    assert_eq!(
+        (d.kind, d.perm, d.uid, d.nlink),
+        (Kind::Dir, 0o750, 1000, 2)
+    );
     let f = fs.lookup(d.ino, b"f").unwrap();
     assert_eq!(read_all(&fs, f.ino), b"hello world");
     assert_eq!(f.nlink, 2);
@@ -100,15 +112,31 @@ fn holes_and_truncation_read_as_zeros() {
     let rig = Rig::new(2);
     let fs = rig.fs();
     let bs = fs.block_size;
-    let (rec, fh) = fs.create(ME, ROOT_INO, b"sparse", 0o644, libc::O_RDWR).unwrap();
+    let (rec, fh) = fs
+        .create(ME, ROOT_INO, b"sparse", 0o644, libc::O_RDWR)
+        .unwrap();
     fs.write(rec.ino, fh, 3 * bs + 10, b"tail").unwrap();
     assert_eq!(fs.getattr(rec.ino).unwrap().size, 3 * bs + 14);
     assert_eq!(fs.read(rec.ino, bs, 100).unwrap(), vec![0u8; 100]);
     assert_eq!(fs.read(rec.ino, 3 * bs + 8, 100).unwrap(), b"\0\0tail");
 
     fs.write(rec.ino, fh, 0, &vec![7u8; 100]).unwrap();
-    fs.setattr(rec.ino, SetAttr { size: Some(50), ..Default::default() }).unwrap();
-    fs.setattr(rec.ino, SetAttr { size: Some(200), ..Default::default() }).unwrap();
+    fs.setattr(
+        rec.ino,
+        SetAttr {
+            size: Some(50),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    fs.setattr(
+        rec.ino,
+        SetAttr {
+            size: Some(200),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let data = fs.read(rec.ino, 0, 300).unwrap();
     assert_eq!(data.len(), 200);
     assert!(data[..50].iter().all(|&b| b == 7) && data[50..].iter().all(|&b| b == 0));
@@ -142,27 +170,49 @@ fn rename_variants() {
     let fs = rig.fs();
     let a = write_file(&fs, ROOT_INO, "a", b"A");
     let b = write_file(&fs, ROOT_INO, "b", b"B");
-    let no = RenameFlags { noreplace: true, exchange: false };
-    let ex = RenameFlags { noreplace: false, exchange: true };
-    assert!(matches!(fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", no), Err(FsError::Exists)));
+    let no = RenameFlags {
+        noreplace: true,
+        exchange: false,
+    };
+    let ex = RenameFlags {
+        noreplace: false,
+        exchange: true,
+    };
+    assert!(matches!(
+        fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", no),
+        Err(FsError::Exists)
+    ));
     fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", ex).unwrap();
     assert_eq!(fs.lookup(ROOT_INO, b"a").unwrap().ino, b);
     assert_eq!(fs.lookup(ROOT_INO, b"b").unwrap().ino, a);
 
     // Replacing a file frees the old one.
-    fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", RenameFlags::default()).unwrap();
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", RenameFlags::default())
+        .unwrap();
     assert!(matches!(fs.lookup(ROOT_INO, b"a"), Err(FsError::NotFound)));
     assert!(matches!(fs.getattr(a).map(|r| r.nlink), Ok(0)));
-    assert!(matches!(rig.mem[0].get(&inode_key(a)), Err(crate::store::StoreError::NotFound)));
+    assert!(matches!(
+        rig.mem[0].get(&inode_key(a)),
+        Err(crate::store::StoreError::NotFound)
+    ));
 
     let d = fs.mkdir(ME, ROOT_INO, b"d", 0o755).unwrap();
     let sub = fs.mkdir(ME, d.ino, b"sub", 0o755).unwrap();
     let plain = RenameFlags::default();
-    assert!(matches!(fs.rename(ROOT_INO, b"d", sub.ino, b"x", plain), Err(FsError::Invalid)));
+    assert!(matches!(
+        fs.rename(ROOT_INO, b"d", sub.ino, b"x", plain),
+        Err(FsError::Invalid)
+    ));
     let e = fs.mkdir(ME, ROOT_INO, b"e", 0o755).unwrap();
     write_file(&fs, e.ino, "inside", b"");
-    assert!(matches!(fs.rename(ROOT_INO, b"d", ROOT_INO, b"e", plain), Err(FsError::NotEmpty)));
-    assert!(matches!(fs.rename(ROOT_INO, b"b", ROOT_INO, b"d", plain), Err(FsError::IsDir)));
+    assert!(matches!(
+        fs.rename(ROOT_INO, b"d", ROOT_INO, b"e", plain),
+        Err(FsError::NotEmpty)
+    ));
+    assert!(matches!(
+        fs.rename(ROOT_INO, b"b", ROOT_INO, b"d", plain),
+        Err(FsError::IsDir)
+    ));
 
     // Moving a directory moves its link from one parent to the other.
     fs.rename(d.ino, b"sub", e.ino, b"sub2", plain).unwrap();
@@ -185,7 +235,10 @@ fn unlinked_open_file_lives_until_release() {
     assert_eq!(read_all(&fs, ino), b"STILL here");
     fs.release(fh).unwrap();
     let left: Vec<String> = rig.mem[0].snapshot().into_keys().collect();
-    assert!(left.iter().all(|k| !k.contains(&format!("{ino:016x}"))), "{left:?}");
+    assert!(
+        left.iter().all(|k| !k.contains(&format!("{ino:016x}"))),
+        "{left:?}"
+    );
 }
 
 #[test]
@@ -197,9 +250,15 @@ fn directory_rules() {
     assert!(matches!(fs.rmdir(ROOT_INO, b"d"), Err(FsError::NotEmpty)));
     assert!(matches!(fs.unlink(ROOT_INO, b"d"), Err(FsError::IsDir)));
     assert!(matches!(fs.rmdir(d.ino, b"f"), Err(FsError::NotDir)));
-    assert!(matches!(fs.mkdir(ME, ROOT_INO, b"d", 0o755), Err(FsError::Exists)));
+    assert!(matches!(
+        fs.mkdir(ME, ROOT_INO, b"d", 0o755),
+        Err(FsError::Exists)
+    ));
     let long = vec![b'x'; 256];
-    assert!(matches!(fs.mkdir(ME, ROOT_INO, &long, 0o755), Err(FsError::NameTooLong)));
+    assert!(matches!(
+        fs.mkdir(ME, ROOT_INO, &long, 0o755),
+        Err(FsError::NameTooLong)
+    ));
     let odd: Vec<u8> = (1..=255u8).filter(|&b| b != b'/').collect();
     let f = fs.mkdir(ME, ROOT_INO, &odd, 0o755).unwrap();
     assert_eq!(fs.lookup(ROOT_INO, &odd).unwrap().ino, f.ino);
@@ -214,15 +273,27 @@ fn xattr_flags() {
     let fs = rig.fs();
     let ino = write_file(&fs, ROOT_INO, "f", b"");
     assert!(matches!(fs.getxattr(ino, b"user.a"), Err(FsError::NoAttr)));
-    assert!(matches!(fs.setxattr(ino, b"user.a", b"1", false, true), Err(FsError::NoAttr)));
+    assert!(matches!(
+        fs.setxattr(ino, b"user.a", b"1", false, true),
+        Err(FsError::NoAttr)
+    ));
     fs.setxattr(ino, b"user.a", b"1", true, false).unwrap();
-    assert!(matches!(fs.setxattr(ino, b"user.a", b"2", true, false), Err(FsError::Exists)));
+    assert!(matches!(
+        fs.setxattr(ino, b"user.a", b"2", true, false),
+        Err(FsError::Exists)
+    ));
     fs.setxattr(ino, b"user.a", b"2", false, true).unwrap();
     fs.setxattr(ino, b"user.b", b"", false, false).unwrap();
     assert_eq!(fs.listxattr(ino).unwrap(), b"user.a\0user.b\0");
     fs.removexattr(ino, b"user.a").unwrap();
-    assert!(matches!(fs.removexattr(ino, b"user.a"), Err(FsError::NoAttr)));
-    assert!(matches!(fs.setxattr(ino, b"system.x", b"", false, false), Err(FsError::NotSupported)));
+    assert!(matches!(
+        fs.removexattr(ino, b"user.a"),
+        Err(FsError::NoAttr)
+    ));
+    assert!(matches!(
+        fs.setxattr(ino, b"system.x", b"", false, false),
+        Err(FsError::NotSupported)
+    ));
 }
 
 #[test]
@@ -232,12 +303,20 @@ fn namespace_changes_touch_a_constant_number_of_objects() {
     let small = fs.mkdir(ME, ROOT_INO, b"small", 0o755).unwrap();
     let big = fs.mkdir(ME, ROOT_INO, b"big", 0o755).unwrap();
     for i in 0..2000 {
-        fs.mknod(ME, big.ino, format!("f{i}").as_bytes(), libc::S_IFREG | 0o644, 0).unwrap();
+        fs.mknod(
+            ME,
+            big.ino,
+            format!("f{i}").as_bytes(),
+            libc::S_IFREG | 0o644,
+            0,
+        )
+        .unwrap();
     }
     let cost = |dir: u64| {
         let start = rig.calls();
         let f = fs.mknod(ME, dir, b"new", libc::S_IFREG | 0o644, 0).unwrap();
-        fs.rename(dir, b"new", dir, b"renamed", RenameFlags::default()).unwrap();
+        fs.rename(dir, b"new", dir, b"renamed", RenameFlags::default())
+            .unwrap();
         fs.link(f.ino, dir, b"linked").unwrap();
         fs.unlink(dir, b"renamed").unwrap();
         fs.unlink(dir, b"linked").unwrap();
@@ -250,13 +329,16 @@ fn namespace_changes_touch_a_constant_number_of_objects() {
 fn small_write_into_large_file_touches_one_block() {
     let rig = Rig::new(1);
     let fs = rig.fs();
-    let (rec, fh) = fs.create(ME, ROOT_INO, b"big", 0o644, libc::O_RDWR).unwrap();
+    let (rec, fh) = fs
+        .create(ME, ROOT_INO, b"big", 0o644, libc::O_RDWR)
+        .unwrap();
     let chunk = vec![1u8; 1 << 20];
     for i in 0..8u64 {
         fs.write(rec.ino, fh, i << 20, &chunk).unwrap();
     }
     let start = rig.calls();
-    fs.write(rec.ino, fh, 5 * (1 << 20) + 4096, &[2u8; 4096]).unwrap();
+    fs.write(rec.ino, fh, 5 * (1 << 20) + 4096, &[2u8; 4096])
+        .unwrap();
     assert_eq!(rig.calls() - start, 1, "one ranged write, nothing else");
     let data = fs.read(rec.ino, 5 * (1 << 20) + 4095, 4098).unwrap();
     assert_eq!((data[0], data[1], data[4096], data[4097]), (1, 2, 2, 1));
@@ -283,12 +365,24 @@ fn read_only_mirror_refuses_changes() {
         fs.shutdown().unwrap();
     }
     let before = rig.mem[0].snapshot();
-    let opts = MirrorOptions { read_only: true, ..MirrorOptions::default() };
+    let opts = MirrorOptions {
+        read_only: true,
+        ..MirrorOptions::default()
+    };
     let fs = Fs::new(Arc::new(Mirror::open(rig.stores(), opts).unwrap())).unwrap();
     let f = fs.lookup(ROOT_INO, b"f").unwrap();
     assert_eq!(read_all(&fs, f.ino), b"x");
-    assert!(matches!(fs.mkdir(ME, ROOT_INO, b"d", 0o755), Err(FsError::ReadOnly)));
-    assert!(matches!(fs.open(f.ino, libc::O_RDWR), Err(FsError::ReadOnly)));
+    assert!(matches!(
+        fs.mkdir(ME, ROOT_INO, b"d", 0o755),
+        Err(FsError::ReadOnly)
+    ));
+    assert!(matches!(
+        fs.open(f.ino, libc::O_RDWR),
+        Err(FsError::ReadOnly)
+    ));
     fs.shutdown().unwrap();
-    assert!(rig.mem[0].snapshot() == before, "a read-only mount changed the backend");
+    assert!(
+        rig.mem[0].snapshot() == before,
+        "a read-only mount changed the backend"
+    );
 }

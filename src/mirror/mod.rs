@@ -39,35 +39,39 @@
 //! Known shortcomings (failure handling): a degraded backend stays degraded until the next
 //! mount; online recovery and the record of missed keys are not implemented yet.
 
-
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam::channel;
 use log::{error, info, warn};
 use parking_lot::Mutex;
 
 use crate::layout::{self, MemberRecord, Superblock, SUPERBLOCK_KEY};
+use crate::pool::{Answers, WorkerPool};
 use crate::store::{Store, StoreError, StoreResult};
-use crate::pool::WorkerPool;
 
 /// One object mutation.
 #[derive(Debug)]
 pub enum Mutation {
     /// Create or atomically replace an object.
     Put { key: String, data: Arc<[u8]> },
+    /// Replace a small self-delimiting record (see [`Store::rewrite`]).
+    Rewrite { key: String, data: Arc<[u8]> },
+    /// Create an object that nothing refers to yet (see [`Store::create`]).
+    Create { key: String, data: Arc<[u8]> },
     /// Write bytes at an offset of an object, creating it if needed.
-    WriteAt { key: String, offset: u64, data: Arc<[u8]> },
+    WriteAt {
+        key: String,
+        offset: u64,
+        data: Arc<[u8]>,
+    },
     /// Set the length of an object, creating it if needed.
     Truncate { key: String, len: u64 },
     /// Remove an object; a missing object is not an error.
     Delete { key: String },
-    /// Remove every data block of file `ino` whose index is `from` or more. Each backend
-    /// lists its own blocks, so blocks left past the end of a file by a crash go too.
-    TrimBlocks { ino: u64, from: u64 },
+    /// Remove data blocks `from..to` of file `ino`; missing blocks are not an error.
+    TrimBlocks { ino: u64, from: u64, to: u64 },
     /// Durability barrier for everything before it on this backend.
     Sync,
 }
@@ -76,19 +80,19 @@ impl Mutation {
     fn apply(&self, store: &dyn Store) -> StoreResult<()> {
         match self {
             Mutation::Put { key, data } => store.put(key, data),
+            Mutation::Create { key, data } => store.create(key, data),
+            Mutation::Rewrite { key, data } => store.rewrite(key, data),
             Mutation::WriteAt { key, offset, data } => store.write_at(key, *offset, data),
             Mutation::Truncate { key, len } => store.truncate(key, *len),
             Mutation::Delete { key } => match store.delete(key) {
                 Err(StoreError::NotFound) => Ok(()),
                 other => other,
             },
-            Mutation::TrimBlocks { ino, from } => {
-                for key in store.list(&layout::block_prefix(*ino))? {
-                    if layout::block_index(&key).is_some_and(|i| i >= *from) {
-                        match store.delete(&key) {
-                            Ok(()) | Err(StoreError::NotFound) => {}
-                            Err(e) => return Err(e),
-                        }
+            Mutation::TrimBlocks { ino, from, to } => {
+                for index in *from..*to {
+                    match store.delete(&layout::block_key(*ino, index)) {
+                        Ok(()) | Err(StoreError::NotFound) => {}
+                        Err(e) => return Err(e),
                     }
                 }
                 Ok(())
@@ -99,7 +103,10 @@ impl Mutation {
 
     fn bytes(&self) -> u64 {
         match self {
-            Mutation::Put { data, .. } | Mutation::WriteAt { data, .. } => data.len() as u64,
+            Mutation::Put { data, .. }
+            | Mutation::Create { data, .. }
+            | Mutation::Rewrite { data, .. }
+            | Mutation::WriteAt { data, .. } => data.len() as u64,
             _ => 0,
         }
     }
@@ -245,9 +252,16 @@ impl Mirror {
         }
         check_same_filesystem(&stores, &sbs)?;
 
-        let newest = sbs.iter().max_by_key(|sb| sb.generation).expect("non-empty").clone();
-        let present: HashMap<u32, usize> =
-            sbs.iter().enumerate().map(|(i, sb)| (sb.member_id, i)).collect();
+        let newest = sbs
+            .iter()
+            .max_by_key(|sb| sb.generation)
+            .expect("non-empty")
+            .clone();
+        let present: HashMap<u32, usize> = sbs
+            .iter()
+            .enumerate()
+            .map(|(i, sb)| (sb.member_id, i))
+            .collect();
         if !opts.read_only && !opts.allow_missing {
             check_no_current_member_missing(&newest, &present)?;
         }
@@ -256,7 +270,10 @@ impl Mirror {
         for ((location, store), sb) in stores.into_iter().zip(&sbs) {
             let state = start_state(sb, &newest);
             if let BackendState::Degraded(reason) = &state {
-                warn!("backend {location} (member {}) starts degraded: {reason}", sb.member_id);
+                warn!(
+                    "backend {location} (member {}) starts degraded: {reason}",
+                    sb.member_id
+                );
             }
             backends.push(Arc::new(Backend {
                 id: sb.member_id,
@@ -273,7 +290,10 @@ impl Mirror {
             backends,
             opts,
             sb: Mutex::new(newest),
-            ino: Mutex::new(InoRange { next: next_ino, limit: next_ino }),
+            ino: Mutex::new(InoRange {
+                next: next_ino,
+                limit: next_ino,
+            }),
             next_read: AtomicUsize::new(0),
             _locks: locks,
         };
@@ -364,7 +384,11 @@ impl Mirror {
                 BackendState::Optimal => String::new(),
                 BackendState::Degraded(reason) => reason,
             };
-            let record = MemberRecord { id: b.id, location: b.location.clone(), degraded };
+            let record = MemberRecord {
+                id: b.id,
+                location: b.location.clone(),
+                degraded,
+            };
             match sb.members.iter_mut().find(|m| m.id == b.id) {
                 Some(m) => *m = record,
                 None => sb.members.push(record),
@@ -384,7 +408,10 @@ impl Mirror {
             let mut own = sb.clone();
             own.member_id = b.id;
             Arc::new(vec![
-                Mutation::Put { key: SUPERBLOCK_KEY.into(), data: own.encode().into() },
+                Mutation::Put {
+                    key: SUPERBLOCK_KEY.into(),
+                    data: own.encode().into(),
+                },
                 Mutation::Sync,
             ])
         })
@@ -414,19 +441,14 @@ impl Mirror {
         if targets.is_empty() {
             return Err(MirrorError::Failed("no optimal backend".into()));
         }
-        let (tx, rx) = channel::bounded(targets.len());
+        let answers = Answers::new(targets.len());
         for (slot, backend) in targets.iter().enumerate() {
             let batch = make(backend);
-            let tx = tx.clone();
+            let answers = Arc::clone(&answers);
             let b = Arc::clone(backend);
-            backend.pool.submit(Box::new(move || {
-                let result = run_batch(&b, &batch);
-                let _ = tx.send((slot, result));
-            }));
+            backend.pool.submit(Box::new(move || answers.put(slot, run_batch(&b, &batch))));
         }
-        drop(tx);
-
-        let results = collect(&rx, targets.len(), self.opts.timeout);
+        let results = answers.wait(Instant::now() + self.opts.timeout);
         let mut failures = Vec::new();
         let mut succeeded = 0;
         for (slot, backend) in targets.iter().enumerate() {
@@ -443,13 +465,18 @@ impl Mirror {
             if failures.iter().all(|f| f.2) {
                 return Err(MirrorError::NoSpace);
             }
-            let reasons: Vec<String> =
-                failures.iter().map(|(b, r, _)| format!("{}: {r}", b.location)).collect();
+            let reasons: Vec<String> = failures
+                .iter()
+                .map(|(b, r, _)| format!("{}: {r}", b.location))
+                .collect();
             error!("write failed on every backend: {}", reasons.join("; "));
             return Err(MirrorError::Failed(reasons.join("; ")));
         }
         for (backend, reason, _) in &failures {
-            backend.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+            backend
+                .counters
+                .write_errors
+                .fetch_add(1, Ordering::Relaxed);
             self.set_degraded(backend, format!("write failed: {reason}"));
         }
         self.record_degradation();
@@ -463,7 +490,10 @@ impl Mirror {
     fn set_degraded(&self, backend: &Backend, reason: String) {
         let mut state = backend.state.lock();
         if *state == BackendState::Optimal {
-            warn!("backend {} (member {}) degraded: {reason}", backend.location, backend.id);
+            warn!(
+                "backend {} (member {}) degraded: {reason}",
+                backend.location, backend.id
+            );
             *state = BackendState::Degraded(reason);
         }
     }
@@ -531,13 +561,14 @@ impl Mirror {
         T: Send + 'static,
         F: Fn(&dyn Store) -> StoreResult<T> + Send + Sync + 'static,
     {
-        let (tx, rx) = channel::bounded(1);
+        let answer = Answers::new(1);
         let b = Arc::clone(backend);
+        let a = Arc::clone(&answer);
         backend.pool.submit(Box::new(move || {
             b.counters.reads.fetch_add(1, Ordering::Relaxed);
-            let _ = tx.send(f(b.store.as_ref()));
+            a.put(0, f(b.store.as_ref()));
         }));
-        rx.recv_timeout(self.opts.timeout).ok()
+        answer.wait(Instant::now() + self.opts.timeout).pop().flatten()
     }
 
     /// Reads a whole object.
@@ -609,7 +640,10 @@ fn run_batch(backend: &Backend, batch: &Batch) -> StoreResult<()> {
     for m in batch.iter() {
         m.apply(backend.store.as_ref())?;
         backend.counters.writes.fetch_add(1, Ordering::Relaxed);
-        backend.counters.bytes_written.fetch_add(m.bytes(), Ordering::Relaxed);
+        backend
+            .counters
+            .bytes_written
+            .fetch_add(m.bytes(), Ordering::Relaxed);
     }
     Ok(())
 }
@@ -622,34 +656,15 @@ fn is_no_space(e: &StoreError) -> bool {
     }
 }
 
-/// Waits for `n` answers until `timeout`; missing answers stay `None`.
-fn collect(
-    rx: &channel::Receiver<(usize, StoreResult<()>)>,
-    n: usize,
-    timeout: Duration,
-) -> Vec<Option<StoreResult<()>>> {
-    let deadline = Instant::now() + timeout;
-    let mut results: Vec<Option<StoreResult<()>>> = (0..n).map(|_| None).collect();
-    let mut got = 0;
-    while got < n {
-        match rx.recv_deadline(deadline) {
-            Ok((slot, r)) => {
-                results[slot] = Some(r);
-                got += 1;
-            }
-            Err(_) => break,
-        }
-    }
-    results
-}
-
 fn read_superblock(location: &str, store: &dyn Store) -> Result<Superblock, OpenError> {
     match store.get(SUPERBLOCK_KEY) {
         Ok(data) => Superblock::decode(&data).map_err(|e| OpenError(format!("{location}: {e}"))),
         Err(StoreError::NotFound) => Err(OpenError(format!(
             "{location}: not a mirrorfs backend (no superblock; format it with mirrorfs init)"
         ))),
-        Err(e) => Err(OpenError(format!("{location}: cannot read superblock: {e}"))),
+        Err(e) => Err(OpenError(format!(
+            "{location}: cannot read superblock: {e}"
+        ))),
     }
 }
 

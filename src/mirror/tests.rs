@@ -13,8 +13,9 @@ struct Rig {
 
 impl Rig {
     fn new(n: usize) -> Rig {
-        let mem: Vec<Arc<MemoryStore>> =
-            (0..n).map(|i| Arc::new(MemoryStore::new(&format!("m{i}")))).collect();
+        let mem: Vec<Arc<MemoryStore>> = (0..n)
+            .map(|i| Arc::new(MemoryStore::new(&format!("m{i}"))))
+            .collect();
         let faults = mem
             .iter()
             .map(|m| Arc::new(FaultStore::new(Arc::clone(m) as Arc<dyn Store>)))
@@ -43,25 +44,37 @@ impl Rig {
 }
 
 fn put(key: &str, data: &[u8]) -> Mutation {
-    Mutation::Put { key: key.into(), data: data.into() }
+    Mutation::Put {
+        key: key.into(),
+        data: data.into(),
+    }
 }
 
 fn fast() -> MirrorOptions {
-    MirrorOptions { timeout: Duration::from_millis(300), ..MirrorOptions::default() }
+    MirrorOptions {
+        timeout: Duration::from_millis(300),
+        ..MirrorOptions::default()
+    }
 }
 
 #[test]
 fn every_backend_gets_every_mutation() {
     let rig = Rig::new(3);
     let m = rig.open(fast());
-    m.apply(vec![put("x/1", b"abc"), Mutation::WriteAt {
-        key: "x/2".into(),
-        offset: 2,
-        data: b"zz"[..].into(),
-    }])
+    m.apply(vec![
+        put("x/1", b"abc"),
+        Mutation::WriteAt {
+            key: "x/2".into(),
+            offset: 2,
+            data: b"zz"[..].into(),
+        },
+    ])
     .unwrap();
-    m.apply(vec![Mutation::Delete { key: "x/1".into() }, Mutation::Delete { key: "nope".into() }])
-        .unwrap();
+    m.apply(vec![
+        Mutation::Delete { key: "x/1".into() },
+        Mutation::Delete { key: "nope".into() },
+    ])
+    .unwrap();
     for mem in &rig.mem {
         assert!(matches!(mem.get("x/1"), Err(StoreError::NotFound)));
         assert_eq!(mem.get("x/2").unwrap(), b"\0\0zz");
@@ -83,7 +96,10 @@ fn failing_backend_is_degraded_and_recorded_on_the_others() {
     }
     assert!(rig.generation(0) > before);
     assert_eq!(rig.generation(0), rig.generation(2));
-    assert!(rig.generation(1) < rig.generation(0), "degraded member must look stale");
+    assert!(
+        rig.generation(1) < rig.generation(0),
+        "degraded member must look stale"
+    );
     assert_eq!(rig.mem[0].get("k").unwrap(), b"v");
     assert!(matches!(rig.mem[1].get("k"), Err(StoreError::NotFound)));
 
@@ -112,7 +128,10 @@ fn failure_everywhere_degrades_nobody() {
     for f in &rig.faults {
         f.fault_nth(Some(Op::Put), 1, FaultKind::Fail);
     }
-    assert!(matches!(m.apply(vec![put("k", b"v")]), Err(MirrorError::Failed(_))));
+    assert!(matches!(
+        m.apply(vec![put("k", b"v")]),
+        Err(MirrorError::Failed(_))
+    ));
     assert_eq!(m.optimal_count(), 2);
 }
 
@@ -133,11 +152,20 @@ fn reads_fail_over_and_degrade_the_bad_backend() {
 #[test]
 fn quorum_refuses_writes_but_serves_reads() {
     let rig = Rig::new(2);
-    let m = rig.open(MirrorOptions { min_optimal: 2, ..fast() });
+    let m = rig.open(MirrorOptions {
+        min_optimal: 2,
+        ..fast()
+    });
     m.apply(vec![put("k", b"v")]).unwrap();
     rig.faults[0].fault_nth(Some(Op::Put), 1, FaultKind::Fail);
-    assert!(matches!(m.apply(vec![put("k2", b"v")]), Err(MirrorError::NoQuorum(2))));
-    assert!(matches!(m.apply(vec![put("k3", b"v")]), Err(MirrorError::NoQuorum(2))));
+    assert!(matches!(
+        m.apply(vec![put("k2", b"v")]),
+        Err(MirrorError::NoQuorum(2))
+    ));
+    assert!(matches!(
+        m.apply(vec![put("k3", b"v")]),
+        Err(MirrorError::NoQuorum(2))
+    ));
     assert_eq!(m.get("k").unwrap(), b"v");
 }
 
@@ -169,10 +197,18 @@ fn split_brain_is_refused() {
         m.apply(vec![put("k", b"v")]).unwrap();
     }
     let only_b = vec![rig.stores().remove(1)];
-    let err = Mirror::open(only_b.clone(), fast()).err().expect("must refuse");
+    let err = Mirror::open(only_b.clone(), fast())
+        .err()
+        .expect("must refuse");
     assert!(err.0.contains("missing"), "{}", err.0);
-    let ro = MirrorOptions { read_only: true, ..fast() };
-    assert!(Mirror::open(only_b, ro).is_ok(), "read-only inspection stays possible");
+    let ro = MirrorOptions {
+        read_only: true,
+        ..fast()
+    };
+    assert!(
+        Mirror::open(only_b, ro).is_ok(),
+        "read-only inspection stays possible"
+    );
 }
 
 #[test]
@@ -188,7 +224,9 @@ fn different_filesystems_are_refused() {
 #[test]
 fn unformatted_store_is_refused() {
     let s: Arc<dyn Store> = Arc::new(MemoryStore::new("empty"));
-    let err = Mirror::open(vec![("empty".into(), s)], fast()).err().expect("must refuse");
+    let err = Mirror::open(vec![("empty".into(), s)], fast())
+        .err()
+        .expect("must refuse");
     assert!(err.0.contains("not a mirrorfs backend"), "{}", err.0);
 }
 
@@ -218,7 +256,9 @@ impl Store for Rendezvous {
             cv.notify_all();
             while *c < self.n {
                 if cv.wait_for(&mut c, Duration::from_secs(10)).timed_out() {
-                    return Err(StoreError::Io(std::io::Error::other("alone at the rendezvous")));
+                    return Err(StoreError::Io(std::io::Error::other(
+                        "alone at the rendezvous",
+                    )));
                 }
             }
         }
@@ -249,13 +289,27 @@ fn broadcast_runs_backends_in_parallel() {
     let meet = Arc::new((parking_lot::Mutex::new(0), parking_lot::Condvar::new()));
     let stores: Vec<(String, Arc<dyn Store>)> = (0..3)
         .map(|i| {
-            let s = Rendezvous { inner: MemoryStore::new("r"), meet: Arc::clone(&meet), n: 3 };
+            let s = Rendezvous {
+                inner: MemoryStore::new("r"),
+                meet: Arc::clone(&meet),
+                n: 3,
+            };
             (format!("r{i}"), Arc::new(s) as Arc<dyn Store>)
         })
         .collect();
     format(&stores, &vec![]).unwrap();
-    let m = Mirror::open(stores, MirrorOptions { timeout: Duration::from_secs(30), ..fast() })
-        .unwrap();
+    let m = Mirror::open(
+        stores,
+        MirrorOptions {
+            timeout: Duration::from_secs(30),
+            ..fast()
+        },
+    )
+    .unwrap();
     m.apply(vec![put("k", b"v")]).unwrap();
-    assert_eq!(m.optimal_count(), 3, "every put met the others: the broadcast is parallel");
+    assert_eq!(
+        m.optimal_count(),
+        3,
+        "every put met the others: the broadcast is parallel"
+    );
 }

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 
 use super::{Store, StoreError, StoreResult};
 
-/// The kinds of store calls a rule can match.
+/// The kinds of store calls a rule can match (`Put` also matches `create` and `rewrite`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
     Get,
@@ -64,12 +64,22 @@ impl FaultStore {
 
     /// Applies `kind` to the `nth` (1-based) next call of `op` (any op when `None`).
     pub fn fault_nth(&self, op: Option<Op>, nth: u64, kind: FaultKind) {
-        self.rules.lock().push(Rule { op, nth: Some(nth), seen: 0, kind });
+        self.rules.lock().push(Rule {
+            op,
+            nth: Some(nth),
+            seen: 0,
+            kind,
+        });
     }
 
     /// Applies `kind` to every call of `op` (any op when `None`) from now on.
     pub fn fault_always(&self, op: Option<Op>, kind: FaultKind) {
-        self.rules.lock().push(Rule { op, nth: None, seen: 0, kind });
+        self.rules.lock().push(Rule {
+            op,
+            nth: None,
+            seen: 0,
+            kind,
+        });
     }
 
     /// Removes every rule.
@@ -141,6 +151,22 @@ impl Store for FaultStore {
             Some(FaultKind::Fail) => Err(injected()),
             Some(FaultKind::Corrupt) => self.inner.put(key, &flip(data.to_vec())),
             _ => self.inner.put(key, data),
+        }
+    }
+
+    fn rewrite(&self, key: &str, data: &[u8]) -> StoreResult<()> {
+        match self.check(Op::Put) {
+            Some(FaultKind::Fail) => Err(injected()),
+            Some(FaultKind::Corrupt) => self.inner.rewrite(key, &flip(data.to_vec())),
+            _ => self.inner.rewrite(key, data),
+        }
+    }
+
+    fn create(&self, key: &str, data: &[u8]) -> StoreResult<()> {
+        match self.check(Op::Put) {
+            Some(FaultKind::Fail) => Err(injected()),
+            Some(FaultKind::Corrupt) => self.inner.create(key, &flip(data.to_vec())),
+            _ => self.inner.create(key, data),
         }
     }
 

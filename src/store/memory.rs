@@ -34,7 +34,11 @@ impl Store for MemoryStore {
     }
 
     fn get(&self, key: &str) -> StoreResult<Vec<u8>> {
-        self.objects.lock().get(key).cloned().ok_or(StoreError::NotFound)
+        self.objects
+            .lock()
+            .get(key)
+            .cloned()
+            .ok_or(StoreError::NotFound)
     }
 
     fn get_range(&self, key: &str, offset: u64, len: usize) -> StoreResult<Vec<u8>> {
@@ -63,18 +67,28 @@ impl Store for MemoryStore {
 
     fn truncate(&self, key: &str, len: u64) -> StoreResult<()> {
         let mut objects = self.objects.lock();
-        objects.entry(key.to_string()).or_default().resize(len as usize, 0);
+        objects
+            .entry(key.to_string())
+            .or_default()
+            .resize(len as usize, 0);
         Ok(())
     }
 
     fn delete(&self, key: &str) -> StoreResult<()> {
-        self.objects.lock().remove(key).map(|_| ()).ok_or(StoreError::NotFound)
+        self.objects
+            .lock()
+            .remove(key)
+            .map(|_| ())
+            .ok_or(StoreError::NotFound)
     }
 
     fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
         let objects = self.objects.lock();
         let keys = objects.range(prefix.to_string()..).map(|(k, _)| k);
-        Ok(keys.take_while(|k| k.starts_with(prefix)).cloned().collect())
+        Ok(keys
+            .take_while(|k| k.starts_with(prefix))
+            .cloned()
+            .collect())
     }
 
     fn sync(&self) -> StoreResult<()> {

@@ -75,6 +75,21 @@ pub trait Store: Send + Sync {
     /// Creates or atomically replaces a whole object.
     fn put(&self, key: &str, data: &[u8]) -> StoreResult<()>;
 
+    /// Creates an object that nothing refers to yet. Unlike `put` it need not be atomic: a
+    /// crash may leave it partly written, which is harmless because no other object names it
+    /// until a later mutation does. Stores where this is cheaper than `put` override it.
+    fn create(&self, key: &str, data: &[u8]) -> StoreResult<()> {
+        self.put(key, data)
+    }
+
+    /// Replaces a small object whose encoding ignores trailing ASCII spaces (the JSON
+    /// records of [`crate::layout`]). Stores may rewrite it in place, padding with spaces:
+    /// that is atomic against a crash of this process when the object fits in one page, and
+    /// avoids creating and deleting a file per update. A store that cannot, puts.
+    fn rewrite(&self, key: &str, data: &[u8]) -> StoreResult<()> {
+        self.put(key, data)
+    }
+
     /// Writes `data` at `offset`, creating the object if needed (a gap reads as zeros).
     fn write_at(&self, key: &str, offset: u64, data: &[u8]) -> StoreResult<()>;
 
