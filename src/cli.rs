@@ -19,6 +19,7 @@ use clap::{Parser, Subcommand};
 use fuser::{MountOption, SessionACL};
 use log::info;
 
+use crate::control::{self, ClientError};
 use crate::fs::Fs;
 use crate::fuse::MirrorFuse;
 use crate::mirror::{Mirror, MirrorOptions};
@@ -48,6 +49,40 @@ enum Command {
     },
     /// Mount a mirror: `mirrorfs mount BACKEND... MOUNTPOINT` (or `a:b:c MOUNTPOINT`).
     Mount(MountArgs),
+    /// Show the state of a mount; exit 0 optimal, 1 recovering, 2 degraded or failed,
+    /// 3 not a mirrorfs mount.
+    Status {
+        mountpoint: PathBuf,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a backend out of service (reason: disabled by operator).
+    Disable {
+        mountpoint: PathBuf,
+        /// A backend path as given at mount, or its member id.
+        backend: String,
+    },
+    /// Resynchronise a degraded backend while the mount keeps serving.
+    Recover {
+        mountpoint: PathBuf,
+        /// A backend path as given at mount, or its member id.
+        backend: String,
+        /// Wait (with a progress bar on a terminal) until the backend is optimal.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Put a new empty directory in the place of a backend and fill it online.
+    Replace {
+        mountpoint: PathBuf,
+        /// The backend to replace (path or member id).
+        old: String,
+        /// An existing empty directory.
+        new: PathBuf,
+        /// Wait (with a progress bar on a terminal) until the new backend is optimal.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -88,6 +123,22 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Init { backends } => init(&backends),
         Command::Mount(args) => mount(args),
+        Command::Status { mountpoint, json } => return status(&mountpoint, json),
+        Command::Disable {
+            mountpoint,
+            backend,
+        } => disable(&mountpoint, &backend),
+        Command::Recover {
+            mountpoint,
+            backend,
+            wait,
+        } => recover(&mountpoint, &backend, wait),
+        Command::Replace {
+            mountpoint,
+            old,
+            new,
+            wait,
+        } => replace(&mountpoint, &old, &new, wait),
     };
     match result {
         Ok(()) => 0,
@@ -103,7 +154,9 @@ pub fn main() -> i32 {
 
 /// `mirrorfs SOURCE MOUNTPOINT -o OPTS` (as run by mount.fuse3) means `mirrorfs mount ...`.
 fn implicit_mount(mut args: Vec<OsString>) -> Vec<OsString> {
-    let subcommands = ["init", "mount", "help"];
+    let subcommands = [
+        "init", "mount", "status", "disable", "recover", "replace", "help",
+    ];
     if let Some(first) = args.get(1).and_then(|a| a.to_str().map(str::to_owned)) {
         if !first.starts_with('-') && !subcommands.contains(&first.as_str()) {
             args.insert(1, "mount".into());
@@ -360,7 +413,9 @@ fn run_foreground(backends: &[PathBuf], mnt: &Path, s: MountSettings) -> Result<
     }
     let mirror = Arc::new(Mirror::open(stores, opts)?);
     let read_only = mirror.read_only();
-    let fs = Arc::new(Fs::new(mirror).map_err(|e| Fail(format!("cannot read the root: {e}")))?);
+    let fs = Arc::new(
+        Fs::new(Arc::clone(&mirror)).map_err(|e| Fail(format!("cannot read the root: {e}")))?,
+    );
     if !read_only {
         Fs::start_writeback(&fs);
     }
@@ -385,6 +440,10 @@ fn run_foreground(backends: &[PathBuf], mnt: &Path, s: MountSettings) -> Result<
     // Runs once the session serves requests: the stat it needs is answered by this process.
     let mnt_owned = mnt.to_path_buf();
     std::thread::spawn(move || raise_readahead(&mnt_owned));
+    let canonical = mnt.canonicalize()?;
+    let _control = control::serve(Arc::clone(&mirror), canonical)
+        .map_err(|e| Fail(format!("cannot start the control socket: {e}")))?;
+    mirror.resume_recoveries();
     let unmounter = session.unmount_callable();
     spawn_signal_handler(unmounter, mnt.to_path_buf())?;
     let _ = report_ready(Ok(()));
@@ -526,5 +585,216 @@ fn daemonize() -> Result<(), Fail> {
                 "mount process exited before the mount was live ({status})"
             )))
         }
+    }
+}
+
+// ----- management commands ----------------------------------------------------------------
+
+/// Exit status of `status` for a path that is not a mirrorfs mount.
+const NOT_A_MOUNT: i32 = 3;
+
+fn ask(mnt: &Path, req: serde_json::Value) -> Result<serde_json::Value, Fail> {
+    control::request(mnt, &req).map_err(|e| match e {
+        ClientError::NotAMount(m) | ClientError::Refused(m) => Fail(m),
+    })
+}
+
+fn status(mnt: &Path, as_json: bool) -> i32 {
+    let answer = match control::request(mnt, &serde_json::json!({"cmd": "status"})) {
+        Ok(a) => a,
+        Err(ClientError::NotAMount(m)) => {
+            eprintln!("mirrorfs: {m}");
+            return NOT_A_MOUNT;
+        }
+        Err(ClientError::Refused(m)) => {
+            eprintln!("mirrorfs: {m}");
+            return 2;
+        }
+    };
+    let st = &answer["status"];
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(st).unwrap_or_default());
+    } else {
+        print_status(st);
+    }
+    match st["state"].as_str() {
+        Some("optimal") => 0,
+        Some("recovering") => 1,
+        _ => 2,
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn print_status(st: &serde_json::Value) {
+    println!(
+        "{}: {} (filesystem {}, generation {}, writes need {} optimal{})",
+        st["mountpoint"].as_str().unwrap_or("?"),
+        st["state"].as_str().unwrap_or("?"),
+        st["fs_uuid"].as_str().unwrap_or("?"),
+        st["generation"],
+        st["min_optimal"],
+        if st["read_only"] == serde_json::json!(true) {
+            ", read-only"
+        } else {
+            ""
+        }
+    );
+    let empty = Vec::new();
+    for b in st["backends"].as_array().unwrap_or(&empty) {
+        let state = b["state"].as_str().unwrap_or("?");
+        let mut detail = match state {
+            "recovering" => {
+                let r = &b["recovery"];
+                let total = r["objects_total"].as_u64().unwrap_or(0);
+                let done = r["objects_done"].as_u64().unwrap_or(0);
+                format!(
+                    "recovering: {done}/{total} objects, {} of {}, {}/s",
+                    human_bytes(r["bytes_done"].as_u64().unwrap_or(0)),
+                    human_bytes(r["bytes_total"].as_u64().unwrap_or(0)),
+                    human_bytes(r["rate_bytes_per_sec"].as_u64().unwrap_or(0))
+                )
+            }
+            _ => b["reason"].as_str().unwrap_or("").to_string(),
+        };
+        if !detail.is_empty() {
+            detail = format!("  ({detail})");
+        }
+        println!(
+            "  member {:<3} {:<11} {}{}",
+            b["id"],
+            state,
+            b["location"].as_str().unwrap_or("?"),
+            detail
+        );
+        println!(
+            "             reads {}, writes {}, errors: read {}, write {}, checksum {}",
+            b["reads"], b["writes"], b["read_errors"], b["write_errors"], b["checksum_errors"]
+        );
+    }
+}
+
+/// A backend argument as the mount will understand it: a canonical path when it names an
+/// existing directory, the text itself otherwise (a member id).
+fn backend_spec(spec: &str) -> String {
+    match std::fs::canonicalize(spec) {
+        Ok(p) => p.display().to_string(),
+        Err(_) => spec.to_string(),
+    }
+}
+
+fn disable(mnt: &Path, backend: &str) -> Result<(), Fail> {
+    let answer = ask(
+        mnt,
+        serde_json::json!({"cmd": "disable", "backend": backend_spec(backend)}),
+    )?;
+    println!("member {} disabled", answer["member"]);
+    Ok(())
+}
+
+fn recover(mnt: &Path, backend: &str, wait: bool) -> Result<(), Fail> {
+    let req = serde_json::json!({"cmd": "recover", "backend": backend_spec(backend)});
+    let answer = ask(mnt, req)?;
+    let id = answer["member"].as_u64().unwrap_or(0);
+    if wait {
+        wait_optimal(mnt, id)
+    } else {
+        println!("recovery of member {id} started; see mirrorfs status");
+        Ok(())
+    }
+}
+
+fn replace(mnt: &Path, old: &str, new: &Path, wait: bool) -> Result<(), Fail> {
+    if !new.is_dir() {
+        return Err(Fail(format!(
+            "{} is not an existing directory",
+            new.display()
+        )));
+    }
+    let new = new.canonicalize()?;
+    let req = serde_json::json!({
+        "cmd": "replace",
+        "old": backend_spec(old),
+        "new": new.display().to_string(),
+    });
+    let answer = ask(mnt, req)?;
+    let id = answer["member"].as_u64().unwrap_or(0);
+    if wait {
+        wait_optimal(mnt, id)
+    } else {
+        println!(
+            "member {id} is being rebuilt on {}; see mirrorfs status",
+            new.display()
+        );
+        Ok(())
+    }
+}
+
+/// Polls the mount until member `id` is optimal (Ok) or no longer recovering (Err, why).
+fn wait_optimal(mnt: &Path, id: u64) -> Result<(), Fail> {
+    use std::io::IsTerminal;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        let style = indicatif::ProgressStyle::with_template(
+            "{spinner} member {prefix}: [{bar:30}] {pos}/{len} objects  {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_prefix(id.to_string());
+        bar
+    });
+    loop {
+        let answer = ask(mnt, serde_json::json!({"cmd": "status"}))?;
+        let empty = Vec::new();
+        let members = answer["status"]["backends"].as_array().unwrap_or(&empty);
+        let Some(b) = members.iter().find(|b| b["id"].as_u64() == Some(id)) else {
+            return Err(Fail(format!("member {id} is no longer part of the mount")));
+        };
+        match b["state"].as_str() {
+            Some("optimal") => {
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                }
+                println!(
+                    "member {id} ({}) is optimal",
+                    b["location"].as_str().unwrap_or("?")
+                );
+                return Ok(());
+            }
+            Some("recovering") => {
+                if let Some(bar) = &bar {
+                    let r = &b["recovery"];
+                    bar.set_length(r["objects_total"].as_u64().unwrap_or(0));
+                    bar.set_position(r["objects_done"].as_u64().unwrap_or(0));
+                    bar.set_message(format!(
+                        "{} at {}/s",
+                        human_bytes(r["bytes_done"].as_u64().unwrap_or(0)),
+                        human_bytes(r["rate_bytes_per_sec"].as_u64().unwrap_or(0))
+                    ));
+                }
+            }
+            _ => {
+                if let Some(bar) = &bar {
+                    bar.abandon();
+                }
+                let why = b["reason"].as_str().unwrap_or("unknown reason");
+                return Err(Fail(format!("member {id} is not optimal: {why}")));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

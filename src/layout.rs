@@ -8,6 +8,7 @@
 //! | `i/<ino % 256>/<ino>`                 | [`InodeRecord`]: attributes, xattrs, symlink   |
 //! | `d/<parent % 256>/<parent>/<hash>`    | [`DirentRecord`]: one entry of a directory     |
 //! | `b/<ino % 256>/<ino>.<index>`         | bytes `[index * block_size, ...)` of a file    |
+//! | `missed/<member>`                     | keys a degraded member missed, one per line    |
 //!
 //! Numbers are lower-case hex. `<hash>` is the first 128 bits of the BLAKE3 hash of the entry
 //! name, so that names of up to 255 arbitrary bytes become short, fixed-size keys; the name
@@ -60,6 +61,17 @@ pub fn dirent_key(parent: u64, name: &[u8]) -> String {
         key.push_str(&format!("{b:02x}"));
     }
     key
+}
+
+/// Key of the log of keys that member `id` missed while it was not optimal. The log is a
+/// superset: every key a mutation may have touched is appended before the mutation runs.
+pub fn missed_key(id: u32) -> String {
+    format!("missed/{id:08x}")
+}
+
+/// True for the keys of missed-key logs.
+pub fn is_missed_key(key: &str) -> bool {
+    key.starts_with("missed/")
 }
 
 /// Key of data block `index` of file `ino`.
@@ -248,6 +260,13 @@ pub struct MemberRecord {
     /// Empty when the member was optimal at the last superblock write; otherwise why not.
     #[serde(default)]
     pub degraded: String,
+    /// While the member is not optimal: the generation from which every key it misses is
+    /// listed in its missed-key log (`missed/<id>`); 0 when there is no such log.
+    #[serde(default)]
+    pub missed_since: u64,
+    /// A recovery of this member was under way; the next mount resumes it.
+    #[serde(default)]
+    pub recovering: bool,
 }
 
 /// The self-description every backend carries.

@@ -7,11 +7,12 @@
 //! - [`store`]: the object store trait and its implementations;
 //! - [`layout`]: object keys and encodings shared by the layers above.
 //!
-//! The command-line front end lives in [`cli`].
+//! The command-line front end lives in [`cli`]; [`control`] is how it talks to a mount.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
+pub mod control;
 pub mod fs;
 pub mod fuse;
 pub mod layout;

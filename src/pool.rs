@@ -42,7 +42,10 @@ impl WorkerPool {
     pub fn new(label: &str, threads: usize) -> WorkerPool {
         let shared = Arc::new(Shared {
             jobs: SegQueue::new(),
-            sleepers: Mutex::new(Sleep { idle: 0, closing: false }),
+            sleepers: Mutex::new(Sleep {
+                idle: 0,
+                closing: false,
+            }),
             wake: Condvar::new(),
         });
         for i in 0..threads.max(1) {

@@ -21,6 +21,16 @@
 //! A call to `apply` that returns `Ok` therefore means: every backend that is still optimal
 //! has applied the whole batch (durably only after a [`Mutation::Sync`]).
 //!
+//! # What a degraded member missed
+//!
+//! While a member of the member table is not optimal (degraded, recovering, or absent), the
+//! keys of every batch are appended to its missed-key log ([`layout::missed_key`]) on the
+//! optimal backends, in the same job and *before* the batch's own mutations. The log is
+//! therefore a superset of what the member missed, even across a crash. The member table
+//! records since which generation the log is complete (`missed_since`); recovery copies only
+//! the logged keys when the log covers the member's whole absence, and compares everything
+//! otherwise (see [`recovery`]).
+//!
 //! # Reads
 //!
 //! Reads go to one optimal backend, chosen round-robin so that load spreads, with the same
@@ -36,23 +46,33 @@
 //! is locked so that two mounts never share it. A read-write mount bumps the generation and
 //! clears the clean flag; [`Mirror::close`] syncs every backend and sets it again.
 //!
-//! Known shortcomings (failure handling): a degraded backend stays degraded until the next
-//! mount; online recovery and the record of missed keys are not implemented yet.
+//! # Lock order
+//!
+//! `switch` (shared by broadcasts, exclusive for the last step of a recovery) before `sb`
+//! before `logs`; backend state mutexes are leaves. `ino` is taken before `sb`.
+//!
+//! Known shortcomings (failure handling): a backend that failed stays degraded until an
+//! operator runs `recover`; nothing retries it automatically. After an unclean stop the next
+//! mount does not yet compare the optimal backends with each other.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+pub mod recovery;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::layout::{self, MemberRecord, Superblock, SUPERBLOCK_KEY};
 use crate::pool::{Answers, WorkerPool};
 use crate::store::{Store, StoreError, StoreResult};
 
+pub use recovery::Progress;
+
 /// One object mutation.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Mutation {
     /// Create or atomically replace an object.
     Put { key: String, data: Arc<[u8]> },
@@ -110,10 +130,36 @@ impl Mutation {
             _ => 0,
         }
     }
+
+    /// The keys this mutation may change.
+    fn keys(&self, out: &mut Vec<String>) {
+        match self {
+            Mutation::Put { key, .. }
+            | Mutation::Rewrite { key, .. }
+            | Mutation::Create { key, .. }
+            | Mutation::WriteAt { key, .. }
+            | Mutation::Truncate { key, .. }
+            | Mutation::Delete { key } => out.push(key.clone()),
+            Mutation::TrimBlocks { ino, from, to } => {
+                out.extend((*from..*to).map(|i| layout::block_key(*ino, i)))
+            }
+            Mutation::Sync => {}
+        }
+    }
 }
 
 /// Mutations applied in order, as one job per backend.
 pub type Batch = Vec<Mutation>;
+
+fn batch_keys(batch: &Batch) -> Vec<String> {
+    let mut keys = Vec::new();
+    for m in batch {
+        m.keys(&mut keys);
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
 
 /// Why a mirror operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -136,11 +182,24 @@ pub enum MirrorError {
 }
 
 /// The state of one backend.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum BackendState {
     Optimal,
     /// Not used for reads or writes; the reason is for humans.
     Degraded(String),
+    /// Being resynchronised: receives every write, serves no reads.
+    Recovering(Arc<Progress>),
+}
+
+impl PartialEq for BackendState {
+    fn eq(&self, other: &BackendState) -> bool {
+        match (self, other) {
+            (BackendState::Optimal, BackendState::Optimal) => true,
+            (BackendState::Degraded(a), BackendState::Degraded(b)) => a == b,
+            (BackendState::Recovering(_), BackendState::Recovering(_)) => true,
+            _ => false,
+        }
+    }
 }
 
 /// Counters shown by status.
@@ -152,13 +211,14 @@ pub struct Counters {
     pub bytes_written: AtomicU64,
     pub read_errors: AtomicU64,
     pub write_errors: AtomicU64,
+    pub checksum_errors: AtomicU64,
 }
 
 /// One member of the mirror.
 pub struct Backend {
     /// Member id from the superblock.
     pub id: u32,
-    /// Path or URL as given by the user.
+    /// Where the backend is (canonical path or URL).
     pub location: String,
     pub store: Arc<dyn Store>,
     state: Mutex<BackendState>,
@@ -167,13 +227,28 @@ pub struct Backend {
 }
 
 impl Backend {
+    fn new(id: u32, location: String, store: Arc<dyn Store>, state: BackendState) -> Backend {
+        Backend {
+            id,
+            pool: WorkerPool::new(&format!("m{id}"), 8),
+            location,
+            store,
+            state: Mutex::new(state),
+            counters: Counters::default(),
+        }
+    }
+
     /// The current state.
     pub fn state(&self) -> BackendState {
         self.state.lock().clone()
     }
 
     fn is_optimal(&self) -> bool {
-        *self.state.lock() == BackendState::Optimal
+        matches!(*self.state.lock(), BackendState::Optimal)
+    }
+
+    fn is_recovering(&self) -> bool {
+        matches!(*self.state.lock(), BackendState::Recovering(_))
     }
 }
 
@@ -188,8 +263,6 @@ pub struct MirrorOptions {
     pub read_only: bool,
     /// Allow a read-write start although a member that may be current is missing.
     pub allow_missing: bool,
-    /// Worker threads per backend.
-    pub workers_per_backend: usize,
 }
 
 impl Default for MirrorOptions {
@@ -199,7 +272,6 @@ impl Default for MirrorOptions {
             min_optimal: 1,
             read_only: false,
             allow_missing: false,
-            workers_per_backend: 8,
         }
     }
 }
@@ -218,16 +290,28 @@ struct InoRange {
 /// How many inode numbers one superblock write reserves.
 const INO_RESERVATION: u64 = 4096;
 
+/// Number of key stripes that serialise recovery copies with writes to a recovering member.
+const STRIPES: usize = 1024;
+
 /// A set of backends kept identical.
 pub struct Mirror {
-    backends: Vec<Arc<Backend>>,
+    backends: RwLock<Vec<Arc<Backend>>>,
     opts: MirrorOptions,
     /// Shared superblock content (its `member_id` is replaced per backend on write).
     /// Held while the member table or generation changes.
     sb: Mutex<Superblock>,
     ino: Mutex<InoRange>,
+    /// Append offsets of the missed-key logs of the members that are not optimal.
+    logs: Mutex<HashMap<u32, u64>>,
+    /// Taken shared by every write; exclusively by the last step of a recovery.
+    switch: RwLock<()>,
+    /// Key stripes (see [`recovery`]).
+    stripes: Vec<Mutex<()>>,
+    /// Number of write batches so far; recovery throttles itself when it moves.
+    foreground: AtomicU64,
+    recovery_running: AtomicBool,
     next_read: AtomicUsize,
-    _locks: Vec<Box<dyn Send + Sync>>,
+    locks: Mutex<Vec<Box<dyn Send + Sync>>>,
 }
 
 impl Mirror {
@@ -275,27 +359,25 @@ impl Mirror {
                     sb.member_id
                 );
             }
-            backends.push(Arc::new(Backend {
-                id: sb.member_id,
-                pool: WorkerPool::new(&format!("m{}", sb.member_id), opts.workers_per_backend),
-                location,
-                store,
-                state: Mutex::new(state),
-                counters: Counters::default(),
-            }));
+            backends.push(Arc::new(Backend::new(sb.member_id, location, store, state)));
         }
 
         let next_ino = newest.next_ino;
         let mirror = Mirror {
-            backends,
+            backends: RwLock::new(backends),
             opts,
             sb: Mutex::new(newest),
             ino: Mutex::new(InoRange {
                 next: next_ino,
                 limit: next_ino,
             }),
+            logs: Mutex::new(HashMap::new()),
+            switch: RwLock::new(()),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            foreground: AtomicU64::new(0),
+            recovery_running: AtomicBool::new(false),
             next_read: AtomicUsize::new(0),
-            _locks: locks,
+            locks: Mutex::new(locks),
         };
         if mirror.optimal_count() == 0 {
             return Err(OpenError("no backend is current".into()));
@@ -306,9 +388,10 @@ impl Mirror {
         Ok(mirror)
     }
 
-    /// The backends, in the order given at open.
-    pub fn backends(&self) -> &[Arc<Backend>] {
-        &self.backends
+    /// The backends, in the order given at open (a replaced one takes its predecessor's
+    /// place).
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.backends.read().clone()
     }
 
     /// The filesystem's block size.
@@ -321,18 +404,42 @@ impl Mirror {
         self.opts.read_only
     }
 
+    /// The settings the mirror was opened with.
+    pub fn options(&self) -> &MirrorOptions {
+        &self.opts
+    }
+
     /// The filesystem uuid.
     pub fn fs_uuid(&self) -> String {
         self.sb.lock().fs_uuid.clone()
     }
 
+    /// A copy of the shared superblock content (generation, member table).
+    pub fn superblock(&self) -> Superblock {
+        self.sb.lock().clone()
+    }
+
     /// Number of backends currently optimal.
     pub fn optimal_count(&self) -> usize {
-        self.backends.iter().filter(|b| b.is_optimal()).count()
+        self.backends
+            .read()
+            .iter()
+            .filter(|b| b.is_optimal())
+            .count()
+    }
+
+    fn optimal(&self) -> Vec<Arc<Backend>> {
+        self.backends
+            .read()
+            .iter()
+            .filter(|b| b.is_optimal())
+            .cloned()
+            .collect()
     }
 
     /// Marks the mount unclean and bumps the generation on every optimal backend, so that
-    /// any member absent now is recognisably behind at the next start.
+    /// any member absent now is recognisably behind at the next start. Starts the
+    /// missed-key log of every member that is not optimal and has none.
     fn start_writing(&self) -> Result<(), OpenError> {
         let mut sb = self.sb.lock();
         sb.clean = false;
@@ -340,13 +447,31 @@ impl Mirror {
         sb.next_ino += INO_RESERVATION;
         let reserved = sb.next_ino;
         self.refresh_member_table(&mut sb);
-        self.write_superblocks(&sb)
+        let generation = sb.generation;
+        for m in sb.members.iter_mut().filter(|m| !m.degraded.is_empty()) {
+            if m.missed_since == 0 {
+                m.missed_since = generation;
+            }
+        }
+        self.load_log_offsets(&sb);
+        self.write_superblocks(&mut sb, |_| Vec::new())
             .map_err(|e| OpenError(format!("cannot write superblocks: {e}")))?;
         drop(sb);
-        let mut ino = self.ino.lock();
-        ino.limit = reserved;
+        self.ino.lock().limit = reserved;
         info!("mounted read-write");
         Ok(())
+    }
+
+    /// Finds where each existing missed-key log ends (on an optimal backend).
+    fn load_log_offsets(&self, sb: &Superblock) {
+        let mut logs = self.logs.lock();
+        for m in sb.members.iter().filter(|m| !m.degraded.is_empty()) {
+            let len = match self.get(&layout::missed_key(m.id)) {
+                Ok(data) => data.len() as u64,
+                Err(_) => 0,
+            };
+            logs.insert(m.id, len);
+        }
     }
 
     /// Syncs every optimal backend and records a clean shutdown.
@@ -358,7 +483,7 @@ impl Mirror {
         let mut sb = self.sb.lock();
         sb.clean = true;
         self.refresh_member_table(&mut sb);
-        self.write_superblocks(&sb)?;
+        self.write_superblocks(&mut sb, |_| Vec::new())?;
         info!("all backends synced and marked clean");
         Ok(())
     }
@@ -369,7 +494,7 @@ impl Mirror {
         if ino.next >= ino.limit {
             let mut sb = self.sb.lock();
             sb.next_ino = ino.limit + INO_RESERVATION;
-            self.write_superblocks(&sb)?;
+            self.write_superblocks(&mut sb, |_| Vec::new())?;
             ino.limit = sb.next_ino;
         }
         let n = ino.next;
@@ -379,42 +504,122 @@ impl Mirror {
 
     /// Copies the current states into the member table (caller holds the sb lock).
     fn refresh_member_table(&self, sb: &mut Superblock) {
-        for b in &self.backends {
-            let degraded = match b.state() {
-                BackendState::Optimal => String::new(),
-                BackendState::Degraded(reason) => reason,
-            };
-            let record = MemberRecord {
-                id: b.id,
-                location: b.location.clone(),
-                degraded,
+        let backends = self.backends.read();
+        for b in backends.iter() {
+            let (degraded, recovering) = match b.state() {
+                BackendState::Optimal => (String::new(), false),
+                BackendState::Degraded(reason) => (reason, false),
+                BackendState::Recovering(_) => ("recovering".to_string(), true),
             };
             match sb.members.iter_mut().find(|m| m.id == b.id) {
-                Some(m) => *m = record,
-                None => sb.members.push(record),
+                Some(m) => {
+                    m.location = b.location.clone();
+                    m.degraded = degraded;
+                    m.recovering = recovering;
+                    if m.degraded.is_empty() {
+                        m.missed_since = 0;
+                    }
+                }
+                None => sb.members.push(MemberRecord {
+                    id: b.id,
+                    location: b.location.clone(),
+                    degraded,
+                    missed_since: 0,
+                    recovering,
+                }),
             }
         }
-        let present: Vec<u32> = self.backends.iter().map(|b| b.id).collect();
         for m in sb.members.iter_mut() {
-            if !present.contains(&m.id) && m.degraded.is_empty() {
+            if !backends.iter().any(|b| b.id == m.id) && m.degraded.is_empty() {
                 m.degraded = "missing at mount".into();
             }
         }
     }
 
-    /// Writes `sb` to every optimal backend, each with its own member id, and syncs it.
-    fn write_superblocks(&self, sb: &Superblock) -> Result<(), MirrorError> {
-        self.broadcast(|b| {
-            let mut own = sb.clone();
-            own.member_id = b.id;
-            Arc::new(vec![
-                Mutation::Put {
+    /// Writes `sb` (and `extra(member)` before it) to every optimal backend, each with its
+    /// own member id, and syncs. A backend that fails is degraded and the write repeated
+    /// with a new generation on the others. Caller holds the sb lock.
+    fn write_superblocks(
+        &self,
+        sb: &mut Superblock,
+        extra: impl Fn(u32) -> Vec<Mutation>,
+    ) -> Result<(), MirrorError> {
+        loop {
+            let targets = self.optimal();
+            if targets.is_empty() {
+                return Err(MirrorError::Failed("no optimal backend".into()));
+            }
+            let results = self.run_jobs(&targets, |b| {
+                let mut own = sb.clone();
+                own.member_id = b.id;
+                let mut batch = extra(b.id);
+                batch.push(Mutation::Put {
                     key: SUPERBLOCK_KEY.into(),
                     data: own.encode().into(),
-                },
-                Mutation::Sync,
-            ])
-        })
+                });
+                batch.push(Mutation::Sync);
+                Arc::new(batch)
+            });
+            let failed = self.failures(&targets, &results);
+            if failed.is_empty() {
+                return Ok(());
+            }
+            if failed.len() == targets.len() {
+                let why: Vec<String> = failed
+                    .iter()
+                    .map(|(b, r, _)| format!("{}: {r}", b.location))
+                    .collect();
+                error!("superblock write failed everywhere: {}", why.join("; "));
+                return Err(MirrorError::Failed(why.join("; ")));
+            }
+            for (b, reason, _) in &failed {
+                self.set_degraded(b, format!("superblock write failed: {reason}"));
+            }
+            self.note_degraded(sb, &failed.iter().map(|(b, _, _)| b.id).collect::<Vec<_>>());
+        }
+    }
+
+    /// Bumps the generation and starts missed-key logs for `ids` (caller holds sb).
+    fn note_degraded(&self, sb: &mut Superblock, ids: &[u32]) {
+        sb.generation += 1;
+        self.refresh_member_table(sb);
+        let generation = sb.generation;
+        let mut logs = self.logs.lock();
+        for m in sb.members.iter_mut().filter(|m| ids.contains(&m.id)) {
+            if m.missed_since == 0 {
+                m.missed_since = generation;
+            }
+            logs.entry(m.id).or_insert(0);
+        }
+    }
+
+    /// Degrades a backend on the operator's request.
+    pub fn disable(&self, id: u32) -> Result<(), String> {
+        let _switch = self.switch.write();
+        let backend = self.backend(id)?;
+        match backend.state() {
+            BackendState::Optimal => {}
+            BackendState::Degraded(_) => return Err(format!("member {id} is already degraded")),
+            BackendState::Recovering(_) => {
+                self.set_degraded(&backend, "disabled by operator".into());
+                return self
+                    .record_degradation(&[id], &[])
+                    .map_err(|e| e.to_string());
+            }
+        }
+        if self.optimal_count() <= 1 {
+            return Err(format!("member {id} is the last optimal backend"));
+        }
+        self.set_degraded(&backend, "disabled by operator".into());
+        self.record_degradation(&[id], &[])
+            .map_err(|e| e.to_string())
+    }
+
+    /// The backend with member id `id`.
+    pub fn backend(&self, id: u32) -> Result<Arc<Backend>, String> {
+        let backends = self.backends.read();
+        let found = backends.iter().find(|b| b.id == id).cloned();
+        found.ok_or_else(|| format!("no backend with member id {id} in this mount"))
     }
 
     /// Applies `batch` on every optimal backend; see the module docs for the rules.
@@ -422,65 +627,184 @@ impl Mirror {
         if self.opts.read_only {
             return Err(MirrorError::ReadOnly);
         }
-        let optimal = self.optimal_count();
-        if optimal < self.opts.min_optimal {
+        if self.optimal_count() < self.opts.min_optimal {
             return Err(MirrorError::NoQuorum(self.opts.min_optimal));
         }
+        let _switch = self.switch.read();
+        self.foreground.fetch_add(1, Ordering::Relaxed);
+        let keys = batch_keys(&batch);
+        let logged = self.log_appends(&keys);
         let batch = Arc::new(batch);
-        self.broadcast(|_| Arc::clone(&batch))?;
+        let full = if logged.is_empty() {
+            Arc::clone(&batch)
+        } else {
+            let mut full = logged;
+            full.extend(batch.iter().cloned());
+            Arc::new(full)
+        };
+
+        let targets = self.optimal();
+        if targets.is_empty() {
+            return Err(MirrorError::Failed("no optimal backend".into()));
+        }
+        let results = self.run_jobs(&targets, |_| Arc::clone(&full));
+        let failed = self.failures(&targets, &results);
+        if !failed.is_empty() {
+            if failed.len() == targets.len() {
+                if failed.iter().all(|f| f.2) {
+                    return Err(MirrorError::NoSpace);
+                }
+                let why: Vec<String> = failed
+                    .iter()
+                    .map(|(b, r, _)| format!("{}: {r}", b.location))
+                    .collect();
+                error!("write failed on every backend: {}", why.join("; "));
+                return Err(MirrorError::Failed(why.join("; ")));
+            }
+            for (backend, reason, _) in &failed {
+                backend
+                    .counters
+                    .write_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                self.set_degraded(backend, format!("write failed: {reason}"));
+            }
+            let ids: Vec<u32> = failed.iter().map(|(b, _, _)| b.id).collect();
+            if let Err(e) = self.record_degradation(&ids, &keys) {
+                error!("could not record the degraded backend(s): {e}");
+            }
+        }
+        self.apply_to_recovering(&batch, &keys);
         if self.optimal_count() < self.opts.min_optimal {
             return Err(MirrorError::NoQuorum(self.opts.min_optimal));
         }
         Ok(())
     }
 
-    /// Runs one job per optimal backend, waits for all of them (or the deadline), degrades
-    /// the ones that failed and records that durably before returning.
-    fn broadcast(&self, make: impl Fn(&Backend) -> Arc<Batch>) -> Result<(), MirrorError> {
-        let targets: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| b.is_optimal()).collect();
-        if targets.is_empty() {
-            return Err(MirrorError::Failed("no optimal backend".into()));
+    /// Second phase of a write while a member recovers: the batch reaches it only after
+    /// every optimal backend has it, under the stripe locks of its keys (see [`recovery`]).
+    fn apply_to_recovering(&self, batch: &Arc<Batch>, keys: &[String]) {
+        let recovering: Vec<Arc<Backend>> = self
+            .backends
+            .read()
+            .iter()
+            .filter(|b| b.is_recovering())
+            .cloned()
+            .collect();
+        if recovering.is_empty() {
+            return;
         }
+        let mut stripes: Vec<usize> = keys.iter().map(|k| stripe_of(k)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let guards: Vec<_> = stripes.iter().map(|&i| self.stripes[i].lock()).collect();
+        let results = self.run_jobs(&recovering, |_| Arc::clone(batch));
+        drop(guards);
+        for (backend, reason, _) in self.failures(&recovering, &results) {
+            self.set_degraded(&backend, format!("recovery failed: write error: {reason}"));
+        }
+    }
+
+    /// Mutations appending `keys` to the missed-key log of every member not optimal.
+    fn log_appends(&self, keys: &[String]) -> Vec<Mutation> {
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let mut logs = self.logs.lock();
+        if logs.is_empty() {
+            return Vec::new();
+        }
+        let mut text = keys.join("\n");
+        text.push('\n');
+        let data: Arc<[u8]> = text.into_bytes().into();
+        let mut out = Vec::new();
+        for (id, offset) in logs.iter_mut() {
+            out.push(Mutation::WriteAt {
+                key: layout::missed_key(*id),
+                offset: *offset,
+                data: Arc::clone(&data),
+            });
+            *offset += data.len() as u64;
+        }
+        out
+    }
+
+    /// Records durably that `ids` are degraded: bumps the generation on the remaining optimal
+    /// backends and starts the members' missed-key logs with `keys` (which they may have
+    /// missed in the batch that failed).
+    fn record_degradation(&self, ids: &[u32], keys: &[String]) -> Result<(), MirrorError> {
+        let mut sb = self.sb.lock();
+        let fresh: Vec<u32> = {
+            let logs = self.logs.lock();
+            ids.iter()
+                .copied()
+                .filter(|id| !logs.contains_key(id))
+                .collect()
+        };
+        self.note_degraded(&mut sb, ids);
+        let mut appends = HashMap::new();
+        if !keys.is_empty() {
+            let mut text = keys.join("\n");
+            text.push('\n');
+            let mut logs = self.logs.lock();
+            for id in &fresh {
+                let offset = logs.entry(*id).or_insert(0);
+                appends.insert(*id, (*offset, text.clone()));
+                *offset += text.len() as u64;
+            }
+        }
+        let result = self.write_superblocks(&mut sb, |_| {
+            let appended = appends
+                .iter()
+                .map(|(id, (offset, text))| Mutation::WriteAt {
+                    key: layout::missed_key(*id),
+                    offset: *offset,
+                    data: text.as_bytes().into(),
+                });
+            appended.collect()
+        });
+        let optimal = self.optimal_count();
+        if optimal < self.opts.min_optimal {
+            error!(
+                "only {optimal} optimal backend(s), quorum is {}: refusing writes",
+                self.opts.min_optimal
+            );
+        }
+        result
+    }
+
+    /// Runs one job per target and waits for all of them until the deadline.
+    fn run_jobs(
+        &self,
+        targets: &[Arc<Backend>],
+        make: impl Fn(&Backend) -> Arc<Batch>,
+    ) -> Vec<Option<StoreResult<()>>> {
         let answers = Answers::new(targets.len());
         for (slot, backend) in targets.iter().enumerate() {
             let batch = make(backend);
             let answers = Arc::clone(&answers);
             let b = Arc::clone(backend);
-            backend.pool.submit(Box::new(move || answers.put(slot, run_batch(&b, &batch))));
-        }
-        let results = answers.wait(Instant::now() + self.opts.timeout);
-        let mut failures = Vec::new();
-        let mut succeeded = 0;
-        for (slot, backend) in targets.iter().enumerate() {
-            match &results[slot] {
-                Some(Ok(())) => succeeded += 1,
-                Some(Err(e)) => failures.push((backend, e.to_string(), is_no_space(e))),
-                None => failures.push((backend, self.timeout_reason(), false)),
-            }
-        }
-        if failures.is_empty() {
-            return Ok(());
-        }
-        if succeeded == 0 {
-            if failures.iter().all(|f| f.2) {
-                return Err(MirrorError::NoSpace);
-            }
-            let reasons: Vec<String> = failures
-                .iter()
-                .map(|(b, r, _)| format!("{}: {r}", b.location))
-                .collect();
-            error!("write failed on every backend: {}", reasons.join("; "));
-            return Err(MirrorError::Failed(reasons.join("; ")));
-        }
-        for (backend, reason, _) in &failures {
             backend
-                .counters
-                .write_errors
-                .fetch_add(1, Ordering::Relaxed);
-            self.set_degraded(backend, format!("write failed: {reason}"));
+                .pool
+                .submit(Box::new(move || answers.put(slot, run_batch(&b, &batch))));
         }
-        self.record_degradation();
-        Ok(())
+        answers.wait(Instant::now() + self.opts.timeout)
+    }
+
+    /// The targets whose job failed or timed out: (backend, reason, was it "no space").
+    fn failures(
+        &self,
+        targets: &[Arc<Backend>],
+        results: &[Option<StoreResult<()>>],
+    ) -> Vec<(Arc<Backend>, String, bool)> {
+        let mut failed = Vec::new();
+        for (backend, result) in targets.iter().zip(results) {
+            match result {
+                Some(Ok(())) => {}
+                Some(Err(e)) => failed.push((Arc::clone(backend), e.to_string(), is_no_space(e))),
+                None => failed.push((Arc::clone(backend), self.timeout_reason(), false)),
+            }
+        }
+        failed
     }
 
     fn timeout_reason(&self) -> String {
@@ -489,30 +813,12 @@ impl Mirror {
 
     fn set_degraded(&self, backend: &Backend, reason: String) {
         let mut state = backend.state.lock();
-        if *state == BackendState::Optimal {
+        if !matches!(*state, BackendState::Degraded(_)) {
             warn!(
                 "backend {} (member {}) degraded: {reason}",
                 backend.location, backend.id
             );
             *state = BackendState::Degraded(reason);
-        }
-    }
-
-    /// Bumps the generation on the remaining optimal backends so that the degraded ones are
-    /// recognisably stale; repeats if writing the superblocks degrades more backends.
-    fn record_degradation(&self) {
-        let mut sb = self.sb.lock();
-        sb.generation += 1;
-        self.refresh_member_table(&mut sb);
-        if let Err(e) = self.write_superblocks(&sb) {
-            error!("could not record a degraded backend: {e}");
-        }
-        let optimal = self.optimal_count();
-        if optimal < self.opts.min_optimal {
-            error!(
-                "only {optimal} optimal backend(s), quorum is {}: refusing writes",
-                self.opts.min_optimal
-            );
         }
     }
 
@@ -523,37 +829,33 @@ impl Mirror {
         F: Fn(&dyn Store) -> StoreResult<T> + Send + Sync + 'static,
     {
         let f = Arc::new(f);
-        let n = self.backends.len();
+        let backends = self.backends();
+        let n = backends.len();
         let start = self.next_read.fetch_add(1, Ordering::Relaxed);
         let mut last_error = String::from("no optimal backend");
         for i in 0..n {
-            let backend = &self.backends[(start + i) % n];
+            let backend = &backends[(start + i) % n];
             if !backend.is_optimal() {
                 continue;
             }
-            match self.read_one(backend, Arc::clone(&f)) {
+            let reason = match self.read_one(backend, Arc::clone(&f)) {
                 Some(Ok(v)) => return Ok(v),
                 Some(Err(StoreError::NotFound)) => return Err(MirrorError::NotFound),
                 Some(Err(e)) => {
                     backend.counters.read_errors.fetch_add(1, Ordering::Relaxed);
-                    last_error = format!("{}: {e}", backend.location);
-                    self.set_degraded(backend, format!("read failed: {e}"));
-                    self.record_degradation_if_writable();
+                    format!("read failed: {e}")
                 }
-                None => {
-                    last_error = format!("{}: {}", backend.location, self.timeout_reason());
-                    self.set_degraded(backend, self.timeout_reason());
-                    self.record_degradation_if_writable();
+                None => self.timeout_reason(),
+            };
+            last_error = format!("{}: {reason}", backend.location);
+            if self.optimal_count() > 1 {
+                self.set_degraded(backend, reason);
+                if !self.opts.read_only {
+                    let _ = self.record_degradation(&[backend.id], &[]);
                 }
             }
         }
         Err(MirrorError::Failed(last_error))
-    }
-
-    fn record_degradation_if_writable(&self) {
-        if !self.opts.read_only {
-            self.record_degradation();
-        }
     }
 
     fn read_one<T, F>(&self, backend: &Arc<Backend>, f: Arc<F>) -> Option<StoreResult<T>>
@@ -568,14 +870,16 @@ impl Mirror {
             b.counters.reads.fetch_add(1, Ordering::Relaxed);
             a.put(0, f(b.store.as_ref()));
         }));
-        answer.wait(Instant::now() + self.opts.timeout).pop().flatten()
+        answer
+            .wait(Instant::now() + self.opts.timeout)
+            .pop()
+            .flatten()
     }
 
     /// Reads a whole object.
     pub fn get(&self, key: &str) -> Result<Vec<u8>, MirrorError> {
         let key = key.to_string();
-        let data = self.read(move |s| s.get(&key))?;
-        Ok(data)
+        self.read(move |s| s.get(&key))
     }
 
     /// Reads a byte range of an object (short at its end).
@@ -592,12 +896,18 @@ impl Mirror {
 
     /// Total and free bytes: the smallest free space of the optimal backends.
     pub fn space(&self) -> Option<(u64, u64)> {
-        self.backends
+        let optimal = self.optimal();
+        optimal
             .iter()
-            .filter(|b| b.is_optimal())
             .filter_map(|b| b.store.space())
             .min_by_key(|(_, free)| *free)
     }
+}
+
+fn stripe_of(key: &str) -> usize {
+    let hash = blake3::hash(key.as_bytes());
+    let bytes = hash.as_bytes();
+    (u16::from_le_bytes([bytes[0], bytes[1]]) as usize) % STRIPES
 }
 
 /// Formats empty stores as the members of one new mirror: writes `contents` (the objects
@@ -611,6 +921,8 @@ pub fn format(stores: &[(String, Arc<dyn Store>)], contents: &Batch) -> StoreRes
             id: i as u32,
             location: location.clone(),
             degraded: String::new(),
+            missed_since: 0,
+            recovering: false,
         })
         .collect();
     let sb = Superblock {
@@ -717,6 +1029,20 @@ fn start_state(sb: &Superblock, newest: &Superblock) -> BackendState {
         Some(m) if !m.degraded.is_empty() => BackendState::Degraded(m.degraded.clone()),
         _ => BackendState::Optimal,
     }
+}
+
+/// Keys that only the mirror itself manages and that recovery never copies as data.
+fn is_private_key(key: &str) -> bool {
+    key == SUPERBLOCK_KEY
+}
+
+/// Parses a missed-key log: one key per line; empty lines (or zero bytes left by a crash
+/// between two appends) are skipped.
+fn parse_log(data: &[u8]) -> BTreeSet<String> {
+    data.split(|&b| b == b'\n' || b == 0)
+        .filter(|line| !line.is_empty())
+        .filter_map(|line| std::str::from_utf8(line).ok().map(str::to_owned))
+        .collect()
 }
 
 #[cfg(test)]

@@ -138,6 +138,13 @@ impl Store for FaultStore {
         }
     }
 
+    fn size(&self, key: &str) -> StoreResult<u64> {
+        match self.check(Op::Get) {
+            Some(FaultKind::Fail) => Err(injected()),
+            _ => self.inner.size(key),
+        }
+    }
+
     fn get_range(&self, key: &str, offset: u64, len: usize) -> StoreResult<Vec<u8>> {
         match self.check(Op::Get) {
             Some(FaultKind::Fail) => Err(injected()),

@@ -156,6 +156,12 @@ impl Store for LocalStore {
         fs::read(self.path(key)).map_err(StoreError::from_io)
     }
 
+    fn size(&self, key: &str) -> StoreResult<u64> {
+        fs::metadata(self.path(key))
+            .map(|m| m.len())
+            .map_err(StoreError::from_io)
+    }
+
     fn get_range(&self, key: &str, offset: u64, len: usize) -> StoreResult<Vec<u8>> {
         let file = File::open(self.path(key)).map_err(StoreError::from_io)?;
         let mut buf = vec![0u8; len];

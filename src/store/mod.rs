@@ -69,6 +69,11 @@ pub trait Store: Send + Sync {
     /// Reads a whole object.
     fn get(&self, key: &str) -> StoreResult<Vec<u8>>;
 
+    /// The size of an object in bytes.
+    fn size(&self, key: &str) -> StoreResult<u64> {
+        self.get(key).map(|d| d.len() as u64)
+    }
+
     /// Reads up to `len` bytes at `offset`; returns fewer bytes at the end of the object.
     fn get_range(&self, key: &str, offset: u64, len: usize) -> StoreResult<Vec<u8>>;
 
