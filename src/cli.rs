@@ -23,7 +23,7 @@ use crate::control::{self, ClientError};
 use crate::fs::Fs;
 use crate::fuse::MirrorFuse;
 use crate::mirror::{Mirror, MirrorOptions};
-use crate::store::{LocalStore, Store};
+use crate::store::{LocalStore, NamedStores, Store};
 
 /// Environment variable through which a daemonised mount reports readiness.
 const READY_FD_ENV: &str = "MIRRORFS_READY_FD";
@@ -382,7 +382,7 @@ fn check_mountpoint(mnt: &Path) -> Result<(), Fail> {
     Ok(())
 }
 
-fn open_stores(backends: &[PathBuf]) -> Result<Vec<(String, Arc<dyn Store>)>, Fail> {
+fn open_stores(backends: &[PathBuf]) -> Result<NamedStores, Fail> {
     let mut stores: Vec<(String, Arc<dyn Store>)> = Vec::new();
     for b in backends {
         if !b.exists() {

@@ -227,11 +227,15 @@ pub fn status(mirror: &Mirror, mnt: &Path) -> Value {
     }
     let present: Vec<u32> = mirror.backends().iter().map(|b| b.id).collect();
     for m in sb.members.iter().filter(|m| !present.contains(&m.id)) {
+        let reason = match m.degraded.as_str() {
+            "" => "not given at mount",
+            r => r,
+        };
         members.push(json!({
             "id": m.id,
             "location": m.location,
             "state": "missing",
-            "reason": if m.degraded.is_empty() { "not given at mount".to_string() } else { m.degraded.clone() },
+            "reason": reason,
             "recovery": Value::Null,
             "reads": 0, "writes": 0, "read_errors": 0, "write_errors": 0, "checksum_errors": 0,
         }));

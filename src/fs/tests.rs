@@ -120,7 +120,7 @@ fn holes_and_truncation_read_as_zeros() {
     assert_eq!(fs.read(rec.ino, bs, 100).unwrap(), vec![0u8; 100]);
     assert_eq!(fs.read(rec.ino, 3 * bs + 8, 100).unwrap(), b"\0\0tail");
 
-    fs.write(rec.ino, fh, 0, &vec![7u8; 100]).unwrap();
+    fs.write(rec.ino, fh, 0, &[7u8; 100]).unwrap();
     fs.setattr(
         rec.ino,
         SetAttr {

@@ -353,6 +353,7 @@ impl Store for LocalStore {
         let path = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes()).ok()?;
         // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: the path is NUL-terminated and `st` is a valid statvfs to fill.
         let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
         if rc != 0 {
             return None;

@@ -58,6 +58,9 @@ impl StoreError {
     }
 }
 
+/// Backends by location, as handed to the mirror.
+pub type NamedStores = Vec<(String, std::sync::Arc<dyn Store>)>;
+
 /// Result type of store operations.
 pub type StoreResult<T> = Result<T, StoreError>;
 
