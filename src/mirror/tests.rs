@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use std::sync::atomic::Ordering;
 use crate::store::{FaultKind, FaultStore, MemoryStore, Op};
 
 struct Rig {
@@ -312,4 +313,108 @@ fn broadcast_runs_backends_in_parallel() {
         3,
         "every put met the others: the broadcast is parallel"
     );
+}
+
+fn wait_settled(m: &Mirror, id: u32) -> BackendState {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = m.backend(id).unwrap().state();
+        if !matches!(state, BackendState::Recovering(_)) && !m.recovery_running() {
+            return state;
+        }
+        assert!(std::time::Instant::now() < deadline, "recovery did not finish");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Every object equal on both stores, superblocks (which name their member) aside.
+fn assert_same(a: &MemoryStore, b: &MemoryStore) {
+    let strip = |m: &MemoryStore| {
+        let mut snap = m.snapshot();
+        snap.remove(SUPERBLOCK_KEY);
+        snap
+    };
+    let (sa, sb) = (strip(a), strip(b));
+    let only_a: Vec<_> = sa.keys().filter(|k| sb.get(*k) != sa.get(*k)).collect();
+    let only_b: Vec<_> = sb.keys().filter(|k| !sa.contains_key(*k)).collect();
+    assert!(only_a.is_empty() && only_b.is_empty(), "differ: {only_a:?} / {only_b:?}");
+}
+
+#[test]
+fn recovery_copies_only_the_logged_keys() {
+    let rig = Rig::new(2);
+    let m = Arc::new(rig.open(fast()));
+    for i in 0..50 {
+        m.apply(vec![put(&format!("k/{i}"), b"old")]).unwrap();
+    }
+    m.disable(1).unwrap();
+    assert!(m.disable(0).is_err(), "the last optimal backend cannot be disabled");
+    m.apply(vec![put("k/3", b"new"), Mutation::Delete { key: "k/4".into() }]).unwrap();
+    m.apply(vec![put("k/new", b"fresh")]).unwrap();
+    let logged = rig.mem[0].get(&layout::missed_key(1)).unwrap();
+    let logged = parse_log(&logged);
+    assert_eq!(logged.len(), 3, "{logged:?}");
+
+    m.start_recovery(1).unwrap();
+    assert_eq!(wait_settled(&m, 1), BackendState::Optimal);
+    assert_same(&rig.mem[0], &rig.mem[1]);
+    assert!(rig.mem[0].get(&layout::missed_key(1)).is_err(), "log removed");
+    assert_eq!(rig.generation(0), rig.generation(1));
+    assert!(m.start_recovery(1).is_err(), "an optimal member cannot be recovered");
+}
+
+#[test]
+fn replacement_is_filled_while_writes_go_on() {
+    let rig = Rig::new(2);
+    let m = Arc::new(rig.open(fast()));
+    for i in 0..200 {
+        m.apply(vec![put(&format!("k/{i}"), &[i as u8; 3000])]).unwrap();
+    }
+    let fresh = Arc::new(MemoryStore::new("fresh"));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (m, stop) = (Arc::clone(&m), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("k/{}", n % 250);
+                let batch = match n % 3 {
+                    0 => vec![put(&key, &n.to_le_bytes())],
+                    1 => vec![Mutation::Delete { key }],
+                    _ => vec![Mutation::WriteAt { key, offset: 10, data: b"zz"[..].into() }],
+                };
+                m.apply(batch).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    m.replace(1, "fresh".into(), Arc::clone(&fresh) as Arc<dyn Store>).unwrap();
+    assert_eq!(wait_settled(&m, 1), BackendState::Optimal);
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    assert!(writes > 0);
+    assert_same(&rig.mem[0], &fresh);
+    assert_eq!(m.backend(1).unwrap().location, "fresh");
+    let sb = Superblock::decode(&fresh.get(SUPERBLOCK_KEY).unwrap()).unwrap();
+    assert_eq!(sb.member_id, 1);
+}
+
+#[test]
+fn failed_recovery_leaves_the_member_degraded_with_the_reason() {
+    let rig = Rig::new(2);
+    let m = Arc::new(rig.open(fast()));
+    m.apply(vec![put("a", b"1")]).unwrap();
+    m.disable(1).unwrap();
+    m.apply(vec![put("b", b"2")]).unwrap();
+    rig.faults[1].fault_always(Some(Op::Put), FaultKind::Fail);
+    m.start_recovery(1).unwrap();
+    match wait_settled(&m, 1) {
+        BackendState::Degraded(reason) => assert!(reason.contains("recovery failed"), "{reason}"),
+        s => panic!("expected degraded, got {s:?}"),
+    }
+    rig.faults[1].clear();
+    m.start_recovery(1).unwrap();
+    assert_eq!(wait_settled(&m, 1), BackendState::Optimal);
+    assert_same(&rig.mem[0], &rig.mem[1]);
 }
