@@ -14,7 +14,11 @@
 //!    the same in each backend directory;
 //! 4. broadcast parallelism: 3 backends that each take 5 ms per write against 1 such backend
 //!    (in process, through the mirror layer and the fault-injecting store);
-//! 5. peak resident memory of the mount process during the write of case 1.
+//! 5. peak resident memory of the mount process during the write of case 1;
+//! 6. full recovery (`replace`) of a backend holding the file set against `cp -a` of the same
+//!    backend directory; recovery after an outage in which 1% of the files changed (bytes
+//!    copied against the total); write throughput while a full recovery runs, against
+//!    without.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -68,6 +72,9 @@ fn main() {
     }
     if wanted("parallel") {
         parallel_broadcast(dir.path());
+    }
+    if wanted("recovery") {
+        recovery(dir.path(), mib);
     }
 }
 
@@ -400,4 +407,161 @@ fn parallel_broadcast(root: &Path) {
         "s",
         1.2,
     );
+}
+
+fn cli(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mirrorfs"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn du_bytes(dir: &Path) -> u64 {
+    let out = Command::new("du").arg("-sb").arg(dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn last_recovery_bytes(mnt: &Path, member: u64) -> Option<u64> {
+    let out = cli(&["status".as_ref(), mnt.as_os_str(), "--json".as_ref()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let b = v["backends"]
+        .as_array()?
+        .iter()
+        .find(|b| b["id"].as_u64() == Some(member))?
+        .clone();
+    b["last_recovery"]["bytes"].as_u64()
+}
+
+fn timed_cli(args: &[&std::ffi::OsStr]) -> Duration {
+    let start = Instant::now();
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        args,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    start.elapsed()
+}
+
+fn recovery(root: &Path, mib: usize) {
+    let file_mib = 8;
+    let files = (mib / file_mib).max(4);
+    let chunk = pattern(MIB);
+    let (backends, mnt) = mirror_dirs(root, "rec", 2);
+    let mount = Mounted::start(&backends, &mnt);
+    for i in 0..files {
+        write_file(&mnt.join(format!("f{i:04}")), file_mib, &chunk);
+    }
+
+    drop_caches();
+    let copy = root.join("rec-cp");
+    let start = Instant::now();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(&backends[1])
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // SAFETY: sync has no preconditions; cp's data must reach the disk as recovery's does.
+    unsafe { libc::sync() };
+    let cp_time = start.elapsed();
+    let _ = fs::remove_dir_all(&copy);
+
+    drop_caches();
+    let fresh = root.join("rec-new");
+    fs::create_dir(&fresh).unwrap();
+    let replace = timed_cli(&[
+        "replace".as_ref(),
+        mnt.as_os_str(),
+        backends[1].as_os_str(),
+        fresh.as_os_str(),
+        "--wait".as_ref(),
+    ]);
+    let total = files * file_mib;
+    report(
+        &format!("full recovery of {total} MiB vs cp -a"),
+        cp_time.as_secs_f64(),
+        replace.as_secs_f64(),
+        "s",
+        1.5,
+    );
+
+    // A short outage in which 1% of the files change.
+    let out = cli(&["disable".as_ref(), mnt.as_os_str(), fresh.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let changed = (files / 100).max(1);
+    for i in 0..changed {
+        write_file(
+            &mnt.join(format!("f{:04}", i * 100 % files)),
+            file_mib,
+            &chunk,
+        );
+    }
+    timed_cli(&[
+        "recover".as_ref(),
+        mnt.as_os_str(),
+        fresh.as_os_str(),
+        "--wait".as_ref(),
+    ]);
+    let copied = last_recovery_bytes(&mnt, 1).unwrap_or(0);
+    let backend_bytes = du_bytes(&backends[0]);
+    println!(
+        "{:<44} {:>12} of {} ({:.2}%)",
+        format!("recovery after {changed} of {files} files changed"),
+        format!("{:.1} MiB", copied as f64 / MIB as f64),
+        format!("{:.1} MiB", backend_bytes as f64 / MIB as f64),
+        100.0 * copied as f64 / backend_bytes.max(1) as f64
+    );
+
+    // Write throughput while a full recovery runs.
+    let probe_mib = (mib / 4).max(16);
+    let quiet = write_file(&mnt.join("probe-quiet"), probe_mib, &chunk);
+    let again = root.join("rec-again");
+    fs::create_dir(&again).unwrap();
+    let out = cli(&[
+        "replace".as_ref(),
+        mnt.as_os_str(),
+        fresh.as_os_str(),
+        again.as_os_str(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let busy = write_file(&mnt.join("probe-busy"), probe_mib, &chunk);
+    let recovering_at_end = cli(&["status".as_ref(), mnt.as_os_str()]).status.code() == Some(1);
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while cli(&["status".as_ref(), mnt.as_os_str()]).status.code() != Some(0) {
+        assert!(Instant::now() < deadline, "recovery did not finish");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rate = |d: Duration| probe_mib as f64 / d.as_secs_f64();
+    println!(
+        "{:<44} {:>9.0} MiB/s {:>9.0} MiB/s {:>7.2}x{}",
+        format!("write {probe_mib} MiB: idle vs during recovery"),
+        rate(quiet),
+        rate(busy),
+        quiet.as_secs_f64() / busy.as_secs_f64(),
+        if recovering_at_end {
+            ""
+        } else {
+            "  (recovery ended before the write did)"
+        }
+    );
+    drop(mount);
+    for d in backends.iter().chain([&fresh, &again]) {
+        let _ = fs::remove_dir_all(d);
+    }
 }

@@ -212,12 +212,22 @@ pub fn status(mirror: &Mirror, mnt: &Path) -> Value {
                 }),
             ),
         };
+        let last = b.last_recovery.lock().clone().map_or(Value::Null, |r| {
+            json!({
+                "objects": r.objects,
+                "bytes": r.bytes,
+                "seconds": r.seconds,
+                "full_compare": r.full_compare,
+                "error": r.error,
+            })
+        });
         members.push(json!({
             "id": b.id,
             "location": b.location,
             "state": state,
             "reason": reason,
             "recovery": recovery,
+            "last_recovery": last,
             "reads": c.reads.load(Ordering::Relaxed),
             "writes": c.writes.load(Ordering::Relaxed),
             "read_errors": c.read_errors.load(Ordering::Relaxed),
@@ -237,6 +247,7 @@ pub fn status(mirror: &Mirror, mnt: &Path) -> Value {
             "state": "missing",
             "reason": reason,
             "recovery": Value::Null,
+            "last_recovery": Value::Null,
             "reads": 0, "writes": 0, "read_errors": 0, "write_errors": 0, "checksum_errors": 0,
         }));
     }

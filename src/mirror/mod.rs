@@ -224,6 +224,19 @@ pub struct Backend {
     state: Mutex<BackendState>,
     pool: WorkerPool,
     pub counters: Counters,
+    /// What the last recovery of this backend did, once finished.
+    pub last_recovery: Mutex<Option<RecoverySummary>>,
+}
+
+/// The outcome of a finished recovery, shown by status.
+#[derive(Clone, Debug)]
+pub struct RecoverySummary {
+    pub objects: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub full_compare: bool,
+    /// Empty on success, otherwise why it failed.
+    pub error: String,
 }
 
 impl Backend {
@@ -235,6 +248,7 @@ impl Backend {
             store,
             state: Mutex::new(state),
             counters: Counters::default(),
+            last_recovery: Mutex::new(None),
         }
     }
 

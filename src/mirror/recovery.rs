@@ -37,6 +37,7 @@ use log::{error, info, warn};
 
 use super::{
     is_private_key, parse_log, read_superblock, stripe_of, Backend, BackendState, Mirror, Mutation,
+    RecoverySummary,
 };
 use crate::layout;
 use crate::store::{Store, StoreError};
@@ -69,6 +70,16 @@ impl Progress {
     pub fn rate(&self) -> u64 {
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         (self.bytes_done.load(Ordering::Relaxed) as f64 / secs) as u64
+    }
+}
+
+fn summary(progress: &Progress, error: &str) -> RecoverySummary {
+    RecoverySummary {
+        objects: progress.objects_done.load(Ordering::Relaxed),
+        bytes: progress.bytes_done.load(Ordering::Relaxed),
+        seconds: progress.started.elapsed().as_secs_f64(),
+        full_compare: progress.full,
+        error: error.to_string(),
     }
 }
 
@@ -195,6 +206,7 @@ impl Mirror {
                 let result = mirror.run_recovery(&backend, &progress);
                 if let Err(e) = &result {
                     error!("recovery of member {id} ({}) failed: {e}", backend.location);
+                    *backend.last_recovery.lock() = Some(summary(&progress, e));
                     mirror.fail_recovery(&backend, e);
                 }
                 mirror.recovery_running.store(false, Ordering::SeqCst);
@@ -409,6 +421,7 @@ impl Mirror {
             .sync()
             .map_err(|e| format!("syncing {}: {e}", x.location))?;
 
+        *x.last_recovery.lock() = Some(summary(progress, ""));
         *x.state.lock() = BackendState::Optimal;
         let mut sb = self.sb.lock();
         sb.generation += 1;

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use std::sync::atomic::Ordering;
 use crate::store::{FaultKind, FaultStore, MemoryStore, Op};
+use std::sync::atomic::Ordering;
 
 struct Rig {
     mem: Vec<Arc<MemoryStore>>,
@@ -322,7 +322,10 @@ fn wait_settled(m: &Mirror, id: u32) -> BackendState {
         if !matches!(state, BackendState::Recovering(_)) && !m.recovery_running() {
             return state;
         }
-        assert!(std::time::Instant::now() < deadline, "recovery did not finish");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "recovery did not finish"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -337,7 +340,10 @@ fn assert_same(a: &MemoryStore, b: &MemoryStore) {
     let (sa, sb) = (strip(a), strip(b));
     let only_a: Vec<_> = sa.keys().filter(|k| sb.get(*k) != sa.get(*k)).collect();
     let only_b: Vec<_> = sb.keys().filter(|k| !sa.contains_key(*k)).collect();
-    assert!(only_a.is_empty() && only_b.is_empty(), "differ: {only_a:?} / {only_b:?}");
+    assert!(
+        only_a.is_empty() && only_b.is_empty(),
+        "differ: {only_a:?} / {only_b:?}"
+    );
 }
 
 #[test]
@@ -348,8 +354,15 @@ fn recovery_copies_only_the_logged_keys() {
         m.apply(vec![put(&format!("k/{i}"), b"old")]).unwrap();
     }
     m.disable(1).unwrap();
-    assert!(m.disable(0).is_err(), "the last optimal backend cannot be disabled");
-    m.apply(vec![put("k/3", b"new"), Mutation::Delete { key: "k/4".into() }]).unwrap();
+    assert!(
+        m.disable(0).is_err(),
+        "the last optimal backend cannot be disabled"
+    );
+    m.apply(vec![
+        put("k/3", b"new"),
+        Mutation::Delete { key: "k/4".into() },
+    ])
+    .unwrap();
     m.apply(vec![put("k/new", b"fresh")]).unwrap();
     let logged = rig.mem[0].get(&layout::missed_key(1)).unwrap();
     let logged = parse_log(&logged);
@@ -358,9 +371,15 @@ fn recovery_copies_only_the_logged_keys() {
     m.start_recovery(1).unwrap();
     assert_eq!(wait_settled(&m, 1), BackendState::Optimal);
     assert_same(&rig.mem[0], &rig.mem[1]);
-    assert!(rig.mem[0].get(&layout::missed_key(1)).is_err(), "log removed");
+    assert!(
+        rig.mem[0].get(&layout::missed_key(1)).is_err(),
+        "log removed"
+    );
     assert_eq!(rig.generation(0), rig.generation(1));
-    assert!(m.start_recovery(1).is_err(), "an optimal member cannot be recovered");
+    assert!(
+        m.start_recovery(1).is_err(),
+        "an optimal member cannot be recovered"
+    );
 }
 
 #[test]
@@ -368,7 +387,8 @@ fn replacement_is_filled_while_writes_go_on() {
     let rig = Rig::new(2);
     let m = Arc::new(rig.open(fast()));
     for i in 0..200 {
-        m.apply(vec![put(&format!("k/{i}"), &[i as u8; 3000])]).unwrap();
+        m.apply(vec![put(&format!("k/{i}"), &[i as u8; 3000])])
+            .unwrap();
     }
     let fresh = Arc::new(MemoryStore::new("fresh"));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -381,7 +401,11 @@ fn replacement_is_filled_while_writes_go_on() {
                 let batch = match n % 3 {
                     0 => vec![put(&key, &n.to_le_bytes())],
                     1 => vec![Mutation::Delete { key }],
-                    _ => vec![Mutation::WriteAt { key, offset: 10, data: b"zz"[..].into() }],
+                    _ => vec![Mutation::WriteAt {
+                        key,
+                        offset: 10,
+                        data: b"zz"[..].into(),
+                    }],
                 };
                 m.apply(batch).unwrap();
                 n += 1;
@@ -389,7 +413,8 @@ fn replacement_is_filled_while_writes_go_on() {
             n
         })
     };
-    m.replace(1, "fresh".into(), Arc::clone(&fresh) as Arc<dyn Store>).unwrap();
+    m.replace(1, "fresh".into(), Arc::clone(&fresh) as Arc<dyn Store>)
+        .unwrap();
     assert_eq!(wait_settled(&m, 1), BackendState::Optimal);
     stop.store(true, Ordering::Relaxed);
     let writes = writer.join().unwrap();
