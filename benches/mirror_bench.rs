@@ -516,13 +516,13 @@ fn recovery(root: &Path, mib: usize) {
     ]);
     let copied = last_recovery_bytes(&mnt, 1).unwrap_or(0);
     let backend_bytes = du_bytes(&backends[0]);
-    println!(
-        "{:<44} {:>12} of {} ({:.2}%)",
-        format!("recovery after {changed} of {files} files changed"),
-        format!("{:.1} MiB", copied as f64 / MIB as f64),
-        format!("{:.1} MiB", backend_bytes as f64 / MIB as f64),
-        100.0 * copied as f64 / backend_bytes.max(1) as f64
+    let case = format!("recovery after {changed} of {files} files changed");
+    let pct = 100.0 * copied as f64 / backend_bytes.max(1) as f64;
+    let (copied_mib, total_mib) = (
+        copied as f64 / MIB as f64,
+        backend_bytes as f64 / MIB as f64,
     );
+    println!("{case:<44} {copied_mib:>8.1} MiB of {total_mib:.1} MiB copied ({pct:.2}%)");
 
     // Write throughput while a full recovery runs.
     let probe_mib = (mib / 4).max(16);
