@@ -26,7 +26,7 @@ build:
 ## run: format ./demo/backend-{a,b,c} once, then mount them at ./demo/mnt (Ctrl-C unmounts)
 run: deps build
 	mkdir -p $(DEMO)
-	empty=0; total=0; \
+	@empty=0; total=0; \
 	for d in $(DEMO_BACKENDS); do \
 	    total=$$((total + 1)); \
 	    mkdir -p "$$d"; \
@@ -43,13 +43,13 @@ run: deps build
 	mkdir -p $(DEMO_MNT)
 # A previous run that was killed leaves a dead mount ("Transport endpoint is not
 # connected"); clear it so the new mount can take its place.
-	if ! stat $(DEMO_MNT) >/dev/null 2>&1; then fusermount3 -uz $(DEMO_MNT) || true; fi
+	@if ! stat $(DEMO_MNT) >/dev/null 2>&1; then fusermount3 -uz $(DEMO_MNT) || true; fi
 	@echo "mounting at $(DEMO_MNT); press Ctrl-C to unmount"
 	exec $(BIN) mount -f $(DEMO_BACKENDS) $(DEMO_MNT)
 
 ## test: unit and integration tests (needs FUSE; run as root for the permission tests)
 test: deps
-	$(CARGO) test --release -- --test-threads=$(TEST_THREADS)
+	$(CARGO) test --release --no-fail-fast -- --test-threads=$(TEST_THREADS)
 
 ## bench: the mirror benchmark
 bench:

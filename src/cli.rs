@@ -226,6 +226,10 @@ fn init(backends: &[PathBuf]) -> Result<(), Fail> {
         .collect();
     match crate::mirror::format(&described, &Fs::root_batch(uid, gid)) {
         Ok(uuid) => {
+            // Create the lock files now, so that a later read-only mount changes nothing.
+            for (_, store) in &described {
+                let _ = store.lock();
+            }
             println!("formatted {} backend(s) as mirror {uuid}", described.len());
             Ok(())
         }

@@ -126,7 +126,7 @@ fn reply_empty(reply: ReplyEmpty, op: &str, ino: u64, r: Result<(), FsError>) {
 fn time_set(t: TimeOrNow) -> TimeSet {
     match t {
         TimeOrNow::Now => TimeSet::Now,
-        TimeOrNow::SpecificTime(t) => TimeSet::At(Timestamp::from_system(t)),
+        TimeOrNow::SpecificTime(t) => TimeSet::At(Timestamp::from_fuser_request(t)),
     }
 }
 
@@ -194,7 +194,7 @@ impl Filesystem for MirrorFuse {
             size,
             atime: atime.map(time_set),
             mtime: mtime.map(time_set),
-            ctime: ctime.map(Timestamp::from_system),
+            ctime: ctime.map(Timestamp::from_fuser_request),
         };
         self.spawn(move |fs| match fs.setattr(ino.0, set) {
             Ok(rec) => reply.attr(&TTL, &attr(&rec)),

@@ -154,6 +154,19 @@ impl Timestamp {
         }
     }
 
+    /// Converts a time received from fuser in a request. fuser 0.18 turns a kernel time
+    /// before the epoch, `-s + n` (seconds, nanoseconds), into `epoch - (s + n)`; this undoes
+    /// that so times before 1970 are stored exactly.
+    pub fn from_fuser_request(t: std::time::SystemTime) -> Timestamp {
+        match std::time::UNIX_EPOCH.duration_since(t) {
+            Ok(d) if !d.is_zero() => Timestamp {
+                secs: -(d.as_secs() as i64),
+                nsecs: d.subsec_nanos(),
+            },
+            _ => Timestamp::from_system(t),
+        }
+    }
+
     /// Converts to `SystemTime`.
     pub fn to_system(self) -> std::time::SystemTime {
         let base = std::time::UNIX_EPOCH;
@@ -333,6 +346,12 @@ mod tests {
             nsecs: 250,
         };
         assert_eq!(Timestamp::from_system(t.to_system()), t);
+        let fuser_style = std::time::UNIX_EPOCH - std::time::Duration::new(5, 250);
+        let expected = Timestamp {
+            secs: -5,
+            nsecs: 250,
+        };
+        assert_eq!(Timestamp::from_fuser_request(fuser_style), expected);
         let t = Timestamp {
             secs: 1_700_000_000,
             nsecs: 999_999_999,

@@ -119,6 +119,24 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs an unmount command (`umount MNT`, `fusermount3 -u MNT`), retrying for a while when
+/// the mount is busy: a process spawned concurrently by another test may briefly hold a
+/// copy of a descriptor of a file in the mount (between its fork and exec).
+fn unmount_cmd(program: &str, args: &[String]) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .expect("run unmount");
+        let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+        if out.status.success() || !busy || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs `cmd` to completion with a deadline. A `mirrorfs mount -f` that wrongly succeeds
 /// would run forever: on timeout the process is killed and the test fails (the caller's
 /// [`Daemon`] guard then clears any mount left behind).
@@ -459,6 +477,13 @@ fn mount_refuses_backends_mounted_elsewhere() {
     let fx = Fixture::new(2);
     let m = fx.mount();
     std::fs::write(m.path("data"), b"live\n").unwrap();
+    // Make the live mount quiescent: its metadata updates may otherwise still be on their
+    // way to the backends while the snapshots below are taken.
+    std::fs::File::open(m.path("data"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    std::fs::File::open(&m.mnt).unwrap().sync_all().unwrap();
     let mnt2 = fx.path("mnt2");
     std::fs::create_dir(&mnt2).unwrap();
     let guard = Daemon::new(&mnt2);
@@ -650,7 +675,12 @@ fn fstab_read_only_single_backend() {
     );
     let err = std::fs::write(fx.mnt.join("new"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
-    sh(&format!("umount {}", q(&fx.mnt)));
+    let out = unmount_cmd("umount", &[s(&fx.mnt)]);
+    assert!(
+        out.status.success(),
+        "umount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         guard.wait_gone(Duration::from_secs(30)),
         "daemon still running after umount"
@@ -812,10 +842,7 @@ fn systemd_unit_commands_mount_and_stop() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::fs::write(fx.mnt.join("unit"), b"ok").unwrap();
-    let out = Command::new("fusermount3")
-        .args(&stop[1..])
-        .output()
-        .unwrap();
+    let out = unmount_cmd("fusermount3", &stop[1..]);
     assert!(
         out.status.success(),
         "ExecStop: {}",

@@ -1162,7 +1162,7 @@ fn unlinked_open_file_stays_usable() {
     let mut old = [0u8; 8];
     g.read_exact_at(&mut old, 0).unwrap();
     assert_eq!(&old, b"new file");
-    drop(g);
+    drop((f, g));
 
     m.unmount();
     let m = fx.mount();

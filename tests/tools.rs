@@ -11,7 +11,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------------------
@@ -690,6 +690,24 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs an unmount command (`umount MNT`, `fusermount3 -u MNT`), retrying for a while when
+/// the mount is busy: a process spawned concurrently by another test may briefly hold a
+/// copy of a descriptor of a file in the mount (between its fork and exec).
+fn unmount_cmd(program: &str, args: &[String]) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .expect("run unmount");
+        let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+        if out.status.success() || !busy || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs `cmd` with stdout and stderr piped and waits until it has exited *and* closed
 /// both pipes; panics after `timeout` (a daemon that keeps the caller's pipes open would
 /// hang `$(mirrorfs mount ...)` in a script).
@@ -771,7 +789,12 @@ fn background_mount_returns_once_live_and_exits_after_umount() {
         b"from the background\n"
     );
 
-    sh(&format!("umount {}", q(&fx.mnt)));
+    let out = unmount_cmd("umount", &[fx.mnt.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "umount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!is_mounted(&fx.mnt));
     assert!(
         guard.wait_gone(Duration::from_secs(30)),

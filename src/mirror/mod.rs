@@ -337,18 +337,20 @@ impl Mirror {
         if stores.is_empty() {
             return Err(OpenError("no backend given".into()));
         }
-        let mut locks = Vec::new();
         let mut sbs = Vec::new();
         for (location, store) in &stores {
-            let sb = read_superblock(location, store.as_ref())?;
+            sbs.push(read_superblock(location, store.as_ref())?);
+        }
+        check_same_filesystem(&stores, &sbs)?;
+        // Only now that every backend is known to be right is anything touched.
+        let mut locks = Vec::new();
+        for (location, store) in &stores {
             match store.lock() {
                 Ok(Some(guard)) => locks.push(guard),
                 Ok(None) => {}
                 Err(e) => return Err(OpenError(format!("{location}: {e}"))),
             }
-            sbs.push(sb);
         }
-        check_same_filesystem(&stores, &sbs)?;
 
         let newest = sbs
             .iter()
@@ -520,16 +522,20 @@ impl Mirror {
     fn refresh_member_table(&self, sb: &mut Superblock) {
         let backends = self.backends.read();
         for b in backends.iter() {
+            // A degraded member keeps its "recovery under way" mark (a recovery interrupted by
+            // an unmount resumes); only a failed or abandoned recovery clears it.
             let (degraded, recovering) = match b.state() {
-                BackendState::Optimal => (String::new(), false),
-                BackendState::Degraded(reason) => (reason, false),
-                BackendState::Recovering(_) => ("recovering".to_string(), true),
+                BackendState::Optimal => (String::new(), Some(false)),
+                BackendState::Degraded(reason) => (reason, None),
+                BackendState::Recovering(_) => ("recovering".to_string(), Some(true)),
             };
             match sb.members.iter_mut().find(|m| m.id == b.id) {
                 Some(m) => {
                     m.location = b.location.clone();
                     m.degraded = degraded;
-                    m.recovering = recovering;
+                    if let Some(recovering) = recovering {
+                        m.recovering = recovering;
+                    }
                     if m.degraded.is_empty() {
                         m.missed_since = 0;
                     }
@@ -539,7 +545,7 @@ impl Mirror {
                     location: b.location.clone(),
                     degraded,
                     missed_since: 0,
-                    recovering,
+                    recovering: recovering.unwrap_or(false),
                 }),
             }
         }
@@ -593,6 +599,13 @@ impl Mirror {
         }
     }
 
+    /// Clears the "recovery under way" mark of member `id` (caller holds sb).
+    fn abandon_recovery(sb: &mut Superblock, id: u32) {
+        if let Some(m) = sb.members.iter_mut().find(|m| m.id == id) {
+            m.recovering = false;
+        }
+    }
+
     /// Bumps the generation and starts missed-key logs for `ids` (caller holds sb).
     fn note_degraded(&self, sb: &mut Superblock, ids: &[u32]) {
         sb.generation += 1;
@@ -615,6 +628,7 @@ impl Mirror {
             BackendState::Optimal => {}
             BackendState::Degraded(_) => return Err(format!("member {id} is already degraded")),
             BackendState::Recovering(_) => {
+                Self::abandon_recovery(&mut self.sb.lock(), id);
                 self.set_degraded(&backend, "disabled by operator".into());
                 return self
                     .record_degradation(&[id], &[])
@@ -624,6 +638,7 @@ impl Mirror {
         if self.optimal_count() <= 1 {
             return Err(format!("member {id} is the last optimal backend"));
         }
+        Self::abandon_recovery(&mut self.sb.lock(), id);
         self.set_degraded(&backend, "disabled by operator".into());
         self.record_degradation(&[id], &[])
             .map_err(|e| e.to_string())

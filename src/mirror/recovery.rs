@@ -245,6 +245,7 @@ impl Mirror {
         }
         let mut sb = self.sb.lock();
         self.refresh_member_table(&mut sb);
+        Self::abandon_recovery(&mut sb, backend.id);
         if let Err(e) = self.write_superblocks(&mut sb, |_| Vec::new()) {
             error!("could not record the failed recovery: {e}");
         }
@@ -281,6 +282,8 @@ impl Mirror {
             progress
                 .objects_total
                 .fetch_add(keys.len() as u64, Ordering::Relaxed);
+            let bytes: u64 = keys.iter().filter_map(|k| source.store.size(k).ok()).sum();
+            progress.bytes_total.fetch_add(bytes, Ordering::Relaxed);
             for key in &keys {
                 self.copy_key(source, x, key, progress, false)?;
             }

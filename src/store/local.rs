@@ -326,13 +326,20 @@ impl Store for LocalStore {
     }
 
     fn lock(&self) -> StoreResult<Option<Box<dyn Send + Sync>>> {
+        // Opened read-only (flock does not need more), so that a mount holds no file of the
+        // backend open for writing and its filesystem can be remounted read-only under it.
+        let path = self.root.join(".lock");
+        if !path.exists() {
+            match File::create(&path) {
+                Ok(_) => {}
+                // A read-only backend cannot be shared by a writer either: go on unlocked.
+                Err(e) if e.raw_os_error() == Some(libc::EROFS) => return Ok(None),
+                Err(e) => return Err(StoreError::from_io(e)),
+            }
+        }
         let file = OpenOptions::new()
             .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(self.root.join(".lock"))
+            .open(&path)
             .map_err(StoreError::from_io)?;
         // SAFETY: flock on a valid, open file descriptor owned by `file`.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };

@@ -52,7 +52,8 @@ pub fn sh(cmd: &str) -> String {
 pub fn is_mounted(path: &Path) -> bool {
     let want = path.to_string_lossy().into_owned();
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines().any(|line| line.split(' ').nth(4) == Some(want.as_str()))
+    info.lines()
+        .any(|line| line.split(' ').nth(4) == Some(want.as_str()))
 }
 
 /// A temporary directory holding `n` backends (`b0`, `b1`, ...) and a mount point `mnt`.
@@ -156,7 +157,10 @@ impl Mount {
     /// Unmounts and waits for the process; panics if the process failed.
     pub fn unmount(mut self) {
         let status = self.stop();
-        assert!(status.map(|s| s.success()).unwrap_or(false), "mirrorfs exited with {status:?}");
+        assert!(
+            status.map(|s| s.success()).unwrap_or(false),
+            "mirrorfs exited with {status:?}"
+        );
     }
 
     fn stop(&mut self) -> Option<std::process::ExitStatus> {
@@ -176,7 +180,10 @@ impl Mount {
             std::thread::sleep(Duration::from_millis(100));
         }
         if is_mounted(&self.mnt) {
-            let _ = Command::new("fusermount3").arg("-uz").arg(&self.mnt).status();
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.mnt)
+                .status();
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
