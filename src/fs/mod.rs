@@ -471,17 +471,14 @@ impl Fs {
                 data: entry.encode().into(),
             },
         ];
-        // A new subdirectory changes the parent's link count, which is written at once;
-        // otherwise only the parent's times change, and they are written later.
-        let parent_now = kind == Kind::Dir;
-        if parent_now {
+        if kind == Kind::Dir {
             prec.nlink += 1;
-            batch.push(persist(&prec));
         }
+        batch.push(persist(&prec));
         self.mirror.apply(batch)?;
 
         pst.rec = prec;
-        self.set_dirty(parent, &mut pst, !parent_now);
+        self.set_dirty(parent, &mut pst, false);
         drop(pst);
         let node = Arc::new(Node {
             state: Mutex::new(NodeState {
@@ -537,13 +534,14 @@ impl Fs {
                 data: entry.encode().into(),
             },
             persist(&rec),
+            persist(&prec),
         ])?;
         let st = guard_of(&mut guards, ino);
         st.rec = rec.clone();
         st.dirty = false;
         let pst = guard_of(&mut guards, parent);
         pst.rec = prec;
-        self.set_dirty(parent, pst, true);
+        self.set_dirty(parent, pst, false);
         dir.write().insert(name.to_vec(), (ino, rec.kind));
         Ok(rec)
     }
@@ -597,10 +595,7 @@ impl Fs {
         }
         rec.ctime = now;
         batch.extend(self.unlinked_node_mutations(&rec, st.open));
-        let parent_now = kind == Kind::Dir;
-        if parent_now {
-            batch.push(persist(&prec));
-        }
+        batch.push(persist(&prec));
         self.mirror.apply(batch)?;
 
         let st = guard_of(&mut guards, ino);
@@ -608,7 +603,7 @@ impl Fs {
         st.dirty = false;
         let pst = guard_of(&mut guards, parent);
         pst.rec = prec;
-        self.set_dirty(parent, pst, !parent_now);
+        self.set_dirty(parent, pst, false);
         drop(guards);
         dir.write().remove(name);
         if kind == Kind::Dir {
