@@ -685,22 +685,29 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Makes directory `dir` read-only for everyone who opens something below it from now on:
-/// a read-only bind mount of the directory onto itself. (Remounting the whole tmpfs
-/// read-only is refused by the kernel with EBUSY while any file on it is open for writing,
-/// and a mount keeps its backend's lock file open for writing.) Open files stay writable,
-/// as on a disk that the kernel turned read-only after an error they would fail too; the
-/// mount must notice at its next write and degrade the backend.
-fn make_read_only(dir: &Path) {
-    sh(&format!(
-        "mount --bind {d} {d} && mount -o remount,bind,ro {d}",
-        d = q(dir)
-    ));
+/// Remounts the whole tmpfs read-only under the running mirror, as the kernel does to a
+/// disk after an error. The mirror keeps no file of a backend open for writing between
+/// calls, so the remount only has to wait for a write in progress (EBUSY): it is retried.
+fn make_read_only(tmpfs: &Tmpfs) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&tmpfs.dir)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        if status.success() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "could not remount the tmpfs read-only");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
-/// Undoes [`make_read_only`] (the bind mount stays, writable again).
-fn make_writable(dir: &Path) {
-    sh(&format!("mount -o remount,bind,rw {}", q(dir)));
+/// Undoes [`make_read_only`].
+fn make_writable(tmpfs: &Tmpfs) {
+    sh(&format!("mount -o remount,rw {}", q(&tmpfs.dir)));
 }
 
 /// Some spelling of `p` other than `p` that canonicalizes to it.
@@ -798,8 +805,8 @@ fn backend_fails_mid_stream(
 fn tmpfs_readonly_mid_stream() {
     backend_fails_mid_stream(
         "64m",
-        |_, b| make_read_only(b),
-        |_, b| make_writable(b),
+        |t, _| make_read_only(t),
+        |t, _| make_writable(t),
         &["read-only", "read only", "erofs"],
     );
 }

@@ -386,3 +386,24 @@ fn read_only_mirror_refuses_changes() {
         "a read-only mount changed the backend"
     );
 }
+
+#[test]
+fn stalled_backend_is_left_behind_and_the_filesystem_goes_on() {
+    let rig = Rig::new(2);
+    let opts = MirrorOptions {
+        timeout: std::time::Duration::from_millis(200),
+        ..MirrorOptions::default()
+    };
+    let fs = Fs::new(Arc::new(Mirror::open(rig.stores(), opts).unwrap())).unwrap();
+    let stall = crate::store::FaultKind::Stall(std::time::Duration::from_secs(3));
+    rig.counters[0].fault_always(None, stall);
+    // Every operation completes on the healthy backend; the stalled one is degraded at the
+    // first deadline and never waited for again.
+    let ino = write_file(&fs, ROOT_INO, "f", b"still served");
+    fs.mkdir(ME, ROOT_INO, b"d", 0o755).unwrap();
+    assert_eq!(read_all(&fs, ino), b"still served");
+    let states: Vec<_> = fs.mirror().backends().iter().map(|b| b.state()).collect();
+    assert!(matches!(states[0], crate::mirror::BackendState::Degraded(_)), "{states:?}");
+    assert_eq!(states[1], crate::mirror::BackendState::Optimal);
+    rig.counters[0].clear();
+}
