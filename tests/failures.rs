@@ -700,7 +700,10 @@ fn make_read_only(tmpfs: &Tmpfs) {
         if status.success() {
             return;
         }
-        assert!(Instant::now() < deadline, "could not remount the tmpfs read-only");
+        assert!(
+            Instant::now() < deadline,
+            "could not remount the tmpfs read-only"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }

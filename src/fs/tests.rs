@@ -403,7 +403,10 @@ fn stalled_backend_is_left_behind_and_the_filesystem_goes_on() {
     fs.mkdir(ME, ROOT_INO, b"d", 0o755).unwrap();
     assert_eq!(read_all(&fs, ino), b"still served");
     let states: Vec<_> = fs.mirror().backends().iter().map(|b| b.state()).collect();
-    assert!(matches!(states[0], crate::mirror::BackendState::Degraded(_)), "{states:?}");
+    assert!(
+        matches!(states[0], crate::mirror::BackendState::Degraded(_)),
+        "{states:?}"
+    );
     assert_eq!(states[1], crate::mirror::BackendState::Optimal);
     rig.counters[0].clear();
 }

@@ -52,7 +52,12 @@ pub struct Progress {
     pub started: Instant,
     /// True when every key is compared (no usable missed-key log).
     pub full: bool,
+    /// Seconds after `started` of the last progress line in the log.
+    last_log: AtomicU64,
 }
+
+/// Seconds between two progress lines of a recovery in the log.
+const PROGRESS_LOG_INTERVAL: u64 = 10;
 
 impl Progress {
     fn new(full: bool) -> Progress {
@@ -63,6 +68,28 @@ impl Progress {
             bytes_total: AtomicU64::new(0),
             started: Instant::now(),
             full,
+            last_log: AtomicU64::new(0),
+        }
+    }
+
+    /// Logs progress at info level, at most every [`PROGRESS_LOG_INTERVAL`].
+    fn log_now(&self, member: u32, done: u64) {
+        let elapsed = self.started.elapsed().as_secs();
+        let last = self.last_log.load(Ordering::Relaxed);
+        if elapsed < last + PROGRESS_LOG_INTERVAL {
+            return;
+        }
+        if self
+            .last_log
+            .compare_exchange(last, elapsed, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            info!(
+                "recovery of member {member}: {done}/{} objects, {} bytes, {} bytes/s",
+                self.objects_total.load(Ordering::Relaxed),
+                self.bytes_done.load(Ordering::Relaxed),
+                self.rate()
+            );
         }
     }
 
@@ -387,7 +414,8 @@ impl Mirror {
                 Err(e) => return Err(format!("reading {key} from {}: {e}", source.location)),
             }
         }
-        progress.objects_done.fetch_add(1, Ordering::Relaxed);
+        let done = progress.objects_done.fetch_add(1, Ordering::Relaxed) + 1;
+        progress.log_now(x.id, done);
         if self.foreground.load(Ordering::Relaxed) != busy_before {
             // The mount is busy: leave it at least half of the I/O.
             std::thread::sleep(started.elapsed());
