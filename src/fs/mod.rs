@@ -1145,6 +1145,63 @@ impl Fs {
         Ok(())
     }
 
+    // ----- answers from memory ---------------------------------------------------------------
+    //
+    // These never do I/O and never wait for a lock held across I/O (they use `try_lock`), so
+    // the FUSE adapter may call them on the thread that reads requests from the kernel.
+    // `None` means "cannot tell without I/O": the caller falls back to the full operation.
+
+    /// The attributes of `ino` if they are in memory.
+    pub fn cached_attr(&self, ino: u64) -> Option<InodeRecord> {
+        let node = self.nodes.get(&ino).map(|n| Arc::clone(&n))?;
+        let st = node.state.try_lock()?;
+        Some(st.rec.clone())
+    }
+
+    /// `lookup` answered from memory, when the directory and the inode are cached.
+    pub fn cached_lookup(&self, parent: u64, name: &[u8]) -> Option<FsResult<InodeRecord>> {
+        if name.len() > NAME_MAX {
+            return Some(Err(FsError::NameTooLong));
+        }
+        let dir = self.dirs.get(&parent).map(|d| Arc::clone(&d))?;
+        let found = dir.try_read()?.get(name).map(|(ino, _)| *ino);
+        match found {
+            None => Some(Err(FsError::NotFound)),
+            Some(ino) => self.cached_attr(ino).map(Ok),
+        }
+    }
+
+    /// True when `flush` of `ino` has nothing to write (the inode is clean).
+    pub fn flush_is_noop(&self, ino: u64) -> bool {
+        let Some(node) = self.nodes.get(&ino).map(|n| Arc::clone(&n)) else {
+            return false;
+        };
+        let clean = node.state.try_lock().is_some_and(|st| !st.dirty);
+        clean
+    }
+
+    /// `release` done in memory when it needs no I/O: a directory handle, or a file handle
+    /// whose inode is clean and either still linked or still open elsewhere.
+    pub fn release_in_memory(&self, fh: u64) -> Option<FsResult<()>> {
+        let (ino, is_dir) = {
+            let h = self.handles.get(&fh)?;
+            (h.ino, h.listing.is_some())
+        };
+        if is_dir {
+            self.handles.remove(&fh);
+            return Some(Ok(()));
+        }
+        let node = self.nodes.get(&ino).map(|n| Arc::clone(&n))?;
+        let mut st = node.state.try_lock()?;
+        let last_of_unlinked = st.open <= 1 && st.rec.nlink == 0;
+        if st.dirty || last_of_unlinked {
+            return None;
+        }
+        self.handles.remove(&fh)?;
+        st.open = st.open.saturating_sub(1);
+        Some(Ok(()))
+    }
+
     // ----- directories ---------------------------------------------------------------------
 
     /// Opens a directory, taking a snapshot of its entries (with `.` and `..`).
