@@ -216,3 +216,108 @@ pub fn tree_manifest(root: &Path) -> String {
         root.display()
     ))
 }
+
+/// Guard for a mount whose `mirrorfs` process is not a child of the test (it daemonized,
+/// or mount.fuse3 started it). The process is found by the unique mountpoint path on its
+/// command line. Dropping the guard unmounts and waits for the process to exit, killing
+/// it as a last resort.
+pub struct Daemon {
+    mnt: PathBuf,
+}
+
+impl Daemon {
+    pub fn new(mnt: &Path) -> Daemon {
+        Daemon {
+            mnt: mnt.to_path_buf(),
+        }
+    }
+
+    /// Pids of processes with the mountpoint as a whole argument on their command line.
+    pub fn pids(&self) -> Vec<i32> {
+        let mut pat = String::new();
+        for ch in self.mnt.display().to_string().chars() {
+            if !ch.is_ascii_alphanumeric() && ch != '/' {
+                pat.push('\\');
+            }
+            pat.push(ch);
+        }
+        pat.push_str("( |$)");
+        let out = Command::new("pgrep")
+            .arg("-f")
+            .arg(&pat)
+            .output()
+            .expect("run pgrep");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .filter(|&p: &i32| p != std::process::id() as i32)
+            .collect()
+    }
+
+    /// Waits until no process serves the mountpoint any more; false on timeout.
+    pub fn wait_gone(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.pids().is_empty() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    }
+
+    /// Unmounts (lazily if need be) and waits for the daemon; true if it exited by itself.
+    pub fn stop(&self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while is_mounted(&self.mnt) && Instant::now() < deadline {
+            let ok = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if !ok {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.mnt)
+                .status();
+        }
+        if self.wait_gone(Duration::from_secs(30)) {
+            return true;
+        }
+        for pid in self.pids() {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        false
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs an unmount command (`umount MNT`, `fusermount3 -u MNT`), retrying for a while when
+/// the mount is busy: a process spawned concurrently by another test may briefly hold a
+/// copy of a descriptor of a file in the mount (between its fork and exec).
+pub fn unmount_cmd(program: &str, args: &[String]) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .expect("run unmount");
+        let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+        if out.status.success() || !busy || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
