@@ -378,6 +378,14 @@ fn check_mountpoint(mnt: &Path) -> Result<(), Fail> {
     }
     let canon = mnt.canonicalize()?;
     if is_mount_point(&canon) {
+        let error = std::fs::read_dir(mnt).err().and_then(|e| e.raw_os_error());
+        if error == Some(libc::ENOTCONN) {
+            return Err(Fail(format!(
+                "mount point {m} is a dead mount (its process ended); unmount it first with \
+                 fusermount3 -u {m}",
+                m = mnt.display()
+            )));
+        }
         return Err(Fail(format!(
             "mount point {} is busy: already mounted",
             mnt.display()
