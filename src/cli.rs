@@ -456,6 +456,7 @@ fn run_foreground(backends: &[PathBuf], mnt: &Path, s: MountSettings) -> Result<
     let _control = control::serve(Arc::clone(&mirror), canonical)
         .map_err(|e| Fail(format!("cannot start the control socket: {e}")))?;
     mirror.resume_recoveries();
+    mirror.start_health_checks();
     let unmounter = session.unmount_callable();
     spawn_signal_handler(unmounter, mnt.to_path_buf())?;
     let _ = report_ready(Ok(()));

@@ -349,7 +349,10 @@ impl Filesystem for MirrorFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        debug!("read ino {:#x} fh {} offset {offset} size {size}", ino.0, _fh.0);
+        debug!(
+            "read ino {:#x} fh {} offset {offset} size {size}",
+            ino.0, _fh.0
+        );
         self.spawn(move |fs| match fs.read(ino.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno("read", ino.0, e)),
@@ -368,7 +371,12 @@ impl Filesystem for MirrorFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        debug!("write ino {:#x} fh {} offset {offset} size {}", ino.0, fh.0, data.len());
+        debug!(
+            "write ino {:#x} fh {} offset {offset} size {}",
+            ino.0,
+            fh.0,
+            data.len()
+        );
         let data = data.to_vec();
         self.spawn(move |fs| match fs.write(ino.0, fh.0, offset, &data) {
             Ok(n) => reply.written(n),

@@ -304,6 +304,9 @@ struct InoRange {
 /// How many inode numbers one superblock write reserves.
 const INO_RESERVATION: u64 = 4096;
 
+/// How often each optimal backend is checked (see [`Mirror::start_health_checks`]).
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Number of key stripes that serialise recovery copies with writes to a recovering member.
 const STRIPES: usize = 1024;
 
@@ -617,6 +620,50 @@ impl Mirror {
                 m.missed_since = generation;
             }
             logs.entry(m.id).or_insert(0);
+        }
+    }
+
+    /// Starts the thread that checks every [`HEALTH_INTERVAL`] that each optimal backend is
+    /// still the store that was opened ([`Store::check`]) and degrades one that is not, so
+    /// that writes never go on into, say, the empty mount point of a disk that went away.
+    pub fn start_health_checks(self: &Arc<Self>) {
+        if self.opts.read_only {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("health".into())
+            .spawn(move || loop {
+                std::thread::sleep(HEALTH_INTERVAL);
+                let Some(mirror) = weak.upgrade() else { return };
+                for b in mirror.optimal() {
+                    if let Err(why) = b.store.check() {
+                        if mirror.optimal_count() > 1 {
+                            mirror.degrade_untrusted(&b, why);
+                        } else {
+                            error!("the last optimal backend failed its check: {why}");
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            error!("cannot start the health-check thread: {e}");
+        }
+    }
+
+    /// Degrades a backend whose recent writes may have gone elsewhere: its missed-key log
+    /// cannot be trusted, so its recovery will compare everything.
+    fn degrade_untrusted(&self, backend: &Backend, why: String) {
+        self.set_degraded(backend, why);
+        if let Err(e) = self.record_degradation(&[backend.id], &[]) {
+            error!("could not record the degraded backend: {e}");
+        }
+        let mut sb = self.sb.lock();
+        if let Some(m) = sb.members.iter_mut().find(|m| m.id == backend.id) {
+            m.missed_since = u64::MAX;
+        }
+        if let Err(e) = self.write_superblocks(&mut sb, |_| Vec::new()) {
+            error!("could not record the degraded backend: {e}");
         }
     }
 

@@ -257,7 +257,7 @@ impl Mirror {
             Ok(own) => {
                 own.fs_uuid == sb.fs_uuid
                     && own.member_id == backend.id
-                    && own.generation + 1 >= m.missed_since
+                    && own.generation.saturating_add(1) >= m.missed_since
             }
             Err(_) => false,
         }

@@ -220,4 +220,8 @@ impl Store for FaultStore {
     fn lock(&self) -> StoreResult<Option<Box<dyn Send + Sync>>> {
         self.inner.lock()
     }
+
+    fn check(&self) -> Result<(), String> {
+        self.inner.check()
+    }
 }

@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +24,8 @@ use super::{Store, StoreError, StoreResult};
 /// Objects stored as files below a local directory.
 pub struct LocalStore {
     root: PathBuf,
+    /// Device and inode of the root directory when the store was opened.
+    identity: (u64, u64),
     tmp: PathBuf,
     tmp_seq: AtomicU64,
     /// Files and directories changed since the last sync.
@@ -49,6 +51,7 @@ impl LocalStore {
         let root = root.canonicalize()?;
         let tmp = root.join(".tmp");
         Ok(LocalStore {
+            identity: (meta.dev(), meta.ino()),
             root,
             tmp,
             tmp_seq: AtomicU64::new(0),
@@ -86,6 +89,14 @@ impl LocalStore {
         let mut missing = Vec::new();
         let mut dir = parent;
         while !dir.is_dir() {
+            if dir == self.root {
+                // Never recreate a backend directory that disappeared: that would silently
+                // start a new, empty backend in its place.
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("backend directory {} is gone", self.root.display()),
+                ));
+            }
             missing.push(dir.to_path_buf());
             dir = dir.parent().expect("root exists");
         }
@@ -356,6 +367,17 @@ impl Store for LocalStore {
         Ok(Some(Box::new(LockGuard(file))))
     }
 
+    fn check(&self) -> Result<(), String> {
+        match fs::metadata(&self.root) {
+            Ok(m) if (m.dev(), m.ino()) == self.identity => Ok(()),
+            Ok(_) => Err(format!(
+                "backend directory {} was replaced or its disk unmounted",
+                self.root.display()
+            )),
+            Err(e) => Err(format!("backend directory {}: {e}", self.root.display())),
+        }
+    }
+
     fn space(&self) -> Option<(u64, u64)> {
         let path = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes()).ok()?;
         // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
@@ -397,6 +419,28 @@ mod tests {
         s.delete("a/b/c").unwrap();
         assert!(matches!(s.get("a/b/c"), Err(StoreError::NotFound)));
         assert!(matches!(s.delete("a/b/c"), Err(StoreError::NotFound)));
+    }
+
+    #[test]
+    fn a_replaced_or_vanished_root_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("backend");
+        fs::create_dir(&root).unwrap();
+        let s = LocalStore::open(&root).unwrap();
+        s.put("a/b", b"x").unwrap();
+        assert!(s.check().is_ok());
+
+        fs::rename(&root, dir.path().join("moved")).unwrap();
+        assert!(s.check().is_err());
+        assert!(
+            s.write_at("c/d", 0, b"y").is_err(),
+            "the root must not be recreated"
+        );
+        assert!(!root.exists());
+
+        fs::create_dir(&root).unwrap();
+        let err = s.check().unwrap_err();
+        assert!(err.contains("replaced"), "{err}");
     }
 
     #[test]

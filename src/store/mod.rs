@@ -124,6 +124,12 @@ pub trait Store: Send + Sync {
         Ok(None)
     }
 
+    /// Cheap check that the store is still the one that was opened (e.g. a directory not
+    /// replaced by an empty mount point after its disk went away). `Err` says why not.
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Total and free bytes, when the store knows them.
     fn space(&self) -> Option<(u64, u64)> {
         None
