@@ -31,9 +31,10 @@
 //! New objects are written before the entry that links them, and entries are removed before
 //! the objects they point to, so a crash leaves at worst an unreferenced object or a link
 //! count that is too high, never an entry pointing at nothing. File sizes and times changed
-//! by `write` are kept in memory and written with the inode at `flush`, `fsync`, `release` or
-//! unmount; data written after the last of those may be lost on a crash (as on any
-//! filesystem without `fsync`).
+//! by `write` are kept in memory and written with the inode at `flush`, `fsync`, `release`,
+//! unmount, or by the writeback thread within [`WRITEBACK_INTERVAL`]; a crash before that may
+//! lose the new size of a file whose bytes were written (as on any filesystem without
+//! `fsync`).
 
 mod error;
 
