@@ -377,8 +377,8 @@ impl Filesystem for MirrorFuse {
             fh.0,
             data.len()
         );
-        let data = data.to_vec();
-        self.spawn(move |fs| match fs.write(ino.0, fh.0, offset, &data) {
+        let data: Arc<[u8]> = Arc::from(data);
+        self.spawn(move |fs| match fs.write_shared(ino.0, fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno("write", ino.0, e)),
         });

@@ -69,11 +69,6 @@ pub fn missed_key(id: u32) -> String {
     format!("missed/{id:08x}")
 }
 
-/// True for the keys of missed-key logs.
-pub fn is_missed_key(key: &str) -> bool {
-    key.starts_with("missed/")
-}
-
 /// Key of data block `index` of file `ino`.
 pub fn block_key(ino: u64, index: u64) -> String {
     format!("b/{:02x}/{:016x}.{:08x}", ino & 0xff, ino, index)

@@ -14,11 +14,6 @@ use std::time::{Duration, Instant};
 // helpers
 // ---------------------------------------------------------------------------------------
 
-/// Quotes a path for a bash command line.
-fn q(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
-}
-
 fn s(p: &Path) -> String {
     p.display().to_string()
 }

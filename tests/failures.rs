@@ -36,22 +36,12 @@ const EROFS: i32 = 30;
 /// How long a `recover --wait` or `replace --wait` may take before the test gives up.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(240);
 
-/// Quotes a path for a bash command line.
-fn q(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
-}
-
 fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
 fn canon(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|e| panic!("canonicalize {}: {e}", p.display()))
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 fn os(parts: &[&dyn AsRef<OsStr>]) -> Vec<OsString> {
@@ -433,19 +423,6 @@ fn check_contents(root: &Path, want: &BTreeMap<String, Vec<u8>>, what: &str) {
         want.len(),
         &bad[..bad.len().min(10)]
     );
-}
-
-/// Asserts two multi-line texts are equal, showing only the lines that differ.
-#[track_caller]
-fn assert_same(what: &str, want: &str, got: &str) {
-    if want == got {
-        return;
-    }
-    let w: std::collections::BTreeSet<&str> = want.lines().collect();
-    let g: std::collections::BTreeSet<&str> = got.lines().collect();
-    let missing: Vec<&&str> = w.difference(&g).take(20).collect();
-    let extra: Vec<&&str> = g.difference(&w).take(20).collect();
-    panic!("{what}: trees differ\nexpected but missing: {missing:#?}\nunexpected: {extra:#?}");
 }
 
 /// Mounts each backend alone, read-only, at `mnt`: each must show `manifest` and `want`.

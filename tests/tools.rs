@@ -18,15 +18,6 @@ use std::time::{Duration, Instant};
 // helpers
 // ---------------------------------------------------------------------------------------
 
-/// Quotes a path for a bash command line.
-fn q(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
-}
-
-fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
-}
-
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
 }
@@ -198,19 +189,6 @@ fn backend_snapshot(b: &Path) -> String {
          find . -type f -print0 | sort -z | xargs -0 -r sha256sum",
         q(b)
     ))
-}
-
-/// Asserts two multi-line texts are equal, showing only the lines that differ.
-#[track_caller]
-fn assert_same(what: &str, want: &str, got: &str) {
-    if want == got {
-        return;
-    }
-    let w: std::collections::BTreeSet<&str> = want.lines().collect();
-    let g: std::collections::BTreeSet<&str> = got.lines().collect();
-    let missing: Vec<&&str> = w.difference(&g).take(20).collect();
-    let extra: Vec<&&str> = g.difference(&w).take(20).collect();
-    panic!("{what}: trees differ\nexpected but missing: {missing:#?}\nunexpected: {extra:#?}");
 }
 
 // ---------------------------------------------------------------------------------------

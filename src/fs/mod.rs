@@ -132,7 +132,6 @@ type DirMap = BTreeMap<Vec<u8>, (u64, Kind)>;
 struct Handle {
     ino: u64,
     append: bool,
-    writable: bool,
     /// Snapshot of a directory taken at opendir, so offsets stay stable.
     listing: Option<Arc<Vec<DirEntry>>>,
 }
@@ -1004,22 +1003,22 @@ impl Fs {
             Handle {
                 ino,
                 append,
-                writable,
                 listing: None,
             },
         );
         Ok(fh)
     }
 
-    fn handle_info(&self, fh: u64) -> FsResult<(u64, bool, bool)> {
-        let h = self.handles.get(&fh).ok_or(FsError::BadHandle)?;
-        Ok((h.ino, h.append, h.writable))
-    }
-
     /// Writes `data` at `offset` (at the end for an `O_APPEND` handle); returns bytes written.
     pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_shared(ino, fh, offset, Arc::from(data))
+    }
+
+    /// [`Fs::write`] of a buffer the caller already owns: a write within one block hands the
+    /// buffer to every backend as it is, without another copy.
+    pub fn write_shared(&self, ino: u64, fh: u64, offset: u64, data: Arc<[u8]>) -> FsResult<u32> {
         self.write_guard()?;
-        let (_, append, _) = self.handle_info(fh)?;
+        let append = self.handles.get(&fh).ok_or(FsError::BadHandle)?.append;
         let node = self.node(ino)?;
         let mut st = node.state.lock();
         if st.rec.kind != Kind::File {
@@ -1046,18 +1045,23 @@ impl Fs {
             batch.extend(self.cut_at(&st.rec, st.rec.size));
         }
         let mut pos = offset;
-        let mut rest = data;
-        while !rest.is_empty() {
+        let mut done = 0;
+        while done < data.len() {
             let index = pos / self.block_size;
             let within = pos % self.block_size;
-            let n = ((self.block_size - within) as usize).min(rest.len());
+            let n = ((self.block_size - within) as usize).min(data.len() - done);
+            let piece = if n == data.len() {
+                Arc::clone(&data)
+            } else {
+                Arc::from(&data[done..done + n])
+            };
             batch.push(Mutation::WriteAt {
                 key: block_key(ino, index),
                 offset: within,
-                data: Arc::from(&rest[..n]),
+                data: piece,
             });
             pos += n as u64;
-            rest = &rest[n..];
+            done += n;
         }
         self.mirror.apply(batch)?;
         let now = Timestamp::now();
@@ -1241,7 +1245,6 @@ impl Fs {
         let handle = Handle {
             ino,
             append: false,
-            writable: false,
             listing: Some(listing.into()),
         };
         self.handles.insert(fh, handle);

@@ -121,16 +121,6 @@ impl Mutation {
         }
     }
 
-    fn bytes(&self) -> u64 {
-        match self {
-            Mutation::Put { data, .. }
-            | Mutation::Create { data, .. }
-            | Mutation::Rewrite { data, .. }
-            | Mutation::WriteAt { data, .. } => data.len() as u64,
-            _ => 0,
-        }
-    }
-
     /// The keys this mutation may change.
     fn keys(&self, out: &mut Vec<String>) {
         match self {
@@ -207,8 +197,6 @@ impl PartialEq for BackendState {
 pub struct Counters {
     pub reads: AtomicU64,
     pub writes: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
     pub read_errors: AtomicU64,
     pub write_errors: AtomicU64,
     pub checksum_errors: AtomicU64,
@@ -428,11 +416,6 @@ impl Mirror {
         &self.opts
     }
 
-    /// The filesystem uuid.
-    pub fn fs_uuid(&self) -> String {
-        self.sb.lock().fs_uuid.clone()
-    }
-
     /// A copy of the shared superblock content (generation, member table).
     pub fn superblock(&self) -> Superblock {
         self.sb.lock().clone()
@@ -609,17 +592,15 @@ impl Mirror {
         }
     }
 
-    /// Bumps the generation and starts missed-key logs for `ids` (caller holds sb).
+    /// Bumps the generation and records since when `ids` miss writes (caller holds sb).
     fn note_degraded(&self, sb: &mut Superblock, ids: &[u32]) {
         sb.generation += 1;
         self.refresh_member_table(sb);
         let generation = sb.generation;
-        let mut logs = self.logs.lock();
         for m in sb.members.iter_mut().filter(|m| ids.contains(&m.id)) {
             if m.missed_since == 0 {
                 m.missed_since = generation;
             }
-            logs.entry(m.id).or_insert(0);
         }
     }
 
@@ -708,9 +689,19 @@ impl Mirror {
         }
         let _switch = self.switch.read();
         self.foreground.fetch_add(1, Ordering::Relaxed);
-        let keys = batch_keys(&batch);
-        let logged = self.log_appends(&keys);
         let batch = Arc::new(batch);
+        // The keys are only needed while some member is not optimal; most writes never
+        // compute them.
+        let keys = std::cell::OnceCell::new();
+        let keys = || keys.get_or_init(|| batch_keys(&batch)).as_slice();
+
+        // Targets first, logs second: a member degraded in between already has its log
+        // (see `set_degraded`), so this batch is either sent to it or logged for it.
+        let targets = self.optimal();
+        if targets.is_empty() {
+            return Err(MirrorError::Failed("no optimal backend".into()));
+        }
+        let logged = self.log_appends(keys);
         let full = if logged.is_empty() {
             Arc::clone(&batch)
         } else {
@@ -718,11 +709,6 @@ impl Mirror {
             full.extend(batch.iter().cloned());
             Arc::new(full)
         };
-
-        let targets = self.optimal();
-        if targets.is_empty() {
-            return Err(MirrorError::Failed("no optimal backend".into()));
-        }
         let results = self.run_jobs(&targets, |_| Arc::clone(&full));
         let failed = self.failures(&targets, &results);
         if !failed.is_empty() {
@@ -745,11 +731,11 @@ impl Mirror {
                 self.set_degraded(backend, format!("write failed: {reason}"));
             }
             let ids: Vec<u32> = failed.iter().map(|(b, _, _)| b.id).collect();
-            if let Err(e) = self.record_degradation(&ids, &keys) {
+            if let Err(e) = self.record_degradation(&ids, keys()) {
                 error!("could not record the degraded backend(s): {e}");
             }
         }
-        self.apply_to_recovering(&batch, &keys);
+        self.apply_to_recovering(&batch, keys);
         if self.optimal_count() < self.opts.min_optimal {
             return Err(MirrorError::NoQuorum(self.opts.min_optimal));
         }
@@ -758,7 +744,7 @@ impl Mirror {
 
     /// Second phase of a write while a member recovers: the batch reaches it only after
     /// every optimal backend has it, under the stripe locks of its keys (see [`recovery`]).
-    fn apply_to_recovering(&self, batch: &Arc<Batch>, keys: &[String]) {
+    fn apply_to_recovering<'k>(&self, batch: &Arc<Batch>, keys: impl FnOnce() -> &'k [String]) {
         let recovering: Vec<Arc<Backend>> = self
             .backends
             .read()
@@ -769,7 +755,7 @@ impl Mirror {
         if recovering.is_empty() {
             return;
         }
-        let mut stripes: Vec<usize> = keys.iter().map(|k| stripe_of(k)).collect();
+        let mut stripes: Vec<usize> = keys().iter().map(|k| stripe_of(k)).collect();
         stripes.sort_unstable();
         stripes.dedup();
         let guards: Vec<_> = stripes.iter().map(|&i| self.stripes[i].lock()).collect();
@@ -781,12 +767,13 @@ impl Mirror {
     }
 
     /// Mutations appending `keys` to the missed-key log of every member not optimal.
-    fn log_appends(&self, keys: &[String]) -> Vec<Mutation> {
-        if keys.is_empty() {
-            return Vec::new();
-        }
+    fn log_appends<'k>(&self, keys: impl FnOnce() -> &'k [String]) -> Vec<Mutation> {
         let mut logs = self.logs.lock();
         if logs.is_empty() {
+            return Vec::new();
+        }
+        let keys = keys();
+        if keys.is_empty() {
             return Vec::new();
         }
         let mut text = keys.join("\n");
@@ -805,24 +792,17 @@ impl Mirror {
     }
 
     /// Records durably that `ids` are degraded: bumps the generation on the remaining optimal
-    /// backends and starts the members' missed-key logs with `keys` (which they may have
-    /// missed in the batch that failed).
+    /// backends and appends `keys` (the batch they may have missed as they failed) to the
+    /// members' missed-key logs.
     fn record_degradation(&self, ids: &[u32], keys: &[String]) -> Result<(), MirrorError> {
         let mut sb = self.sb.lock();
-        let fresh: Vec<u32> = {
-            let logs = self.logs.lock();
-            ids.iter()
-                .copied()
-                .filter(|id| !logs.contains_key(id))
-                .collect()
-        };
         self.note_degraded(&mut sb, ids);
         let mut appends = HashMap::new();
         if !keys.is_empty() {
             let mut text = keys.join("\n");
             text.push('\n');
             let mut logs = self.logs.lock();
-            for id in &fresh {
+            for id in ids {
                 let offset = logs.entry(*id).or_insert(0);
                 appends.insert(*id, (*offset, text.clone()));
                 *offset += text.len() as u64;
@@ -887,7 +867,10 @@ impl Mirror {
         format!("no answer within {:?}", self.opts.timeout)
     }
 
+    /// Marks a backend degraded. Its missed-key log is started *before* the state changes, so
+    /// a write that no longer sends to it always logs for it (see `apply`).
     fn set_degraded(&self, backend: &Backend, reason: String) {
+        self.logs.lock().entry(backend.id).or_insert(0);
         let mut state = backend.state.lock();
         if !matches!(*state, BackendState::Degraded(_)) {
             warn!(
@@ -1028,10 +1011,6 @@ fn run_batch(backend: &Backend, batch: &Batch) -> StoreResult<()> {
     for m in batch.iter() {
         m.apply(backend.store.as_ref())?;
         backend.counters.writes.fetch_add(1, Ordering::Relaxed);
-        backend
-            .counters
-            .bytes_written
-            .fetch_add(m.bytes(), Ordering::Relaxed);
     }
     Ok(())
 }

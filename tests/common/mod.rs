@@ -56,6 +56,50 @@ pub fn is_mounted(path: &Path) -> bool {
         .any(|line| line.split(' ').nth(4) == Some(want.as_str()))
 }
 
+/// Unmounts `mnt`, retrying `fusermount3 -u` for up to 30 s while it is busy (another
+/// test's child may briefly hold a descriptor of a file in it), then lazily.
+pub fn unmount(mnt: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while is_mounted(mnt) && Instant::now() < deadline {
+        let ok = Command::new("fusermount3")
+            .arg("-u")
+            .arg(mnt)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    if is_mounted(mnt) {
+        let _ = Command::new("fusermount3").arg("-uz").arg(mnt).status();
+    }
+}
+
+/// Single-quotes a path for a shell command line.
+pub fn q(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+/// True when the tests run as root (tmpfs mounts, other users).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Asserts two multi-line texts are equal, showing only the lines that differ.
+#[track_caller]
+pub fn assert_same(what: &str, want: &str, got: &str) {
+    if want == got {
+        return;
+    }
+    let w: std::collections::BTreeSet<&str> = want.lines().collect();
+    let g: std::collections::BTreeSet<&str> = got.lines().collect();
+    let missing: Vec<&&str> = w.difference(&g).take(20).collect();
+    let extra: Vec<&&str> = g.difference(&w).take(20).collect();
+    panic!("{what}: trees differ\nexpected but missing: {missing:#?}\nunexpected: {extra:#?}");
+}
+
 /// A temporary directory holding `n` backends (`b0`, `b1`, ...) and a mount point `mnt`.
 pub struct Fixture {
     pub dir: tempfile::TempDir,
@@ -165,26 +209,7 @@ impl Mount {
 
     fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while is_mounted(&self.mnt) && Instant::now() < deadline {
-            let ok = Command::new("fusermount3")
-                .arg("-u")
-                .arg(&self.mnt)
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ok {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("fusermount3")
-                .arg("-uz")
-                .arg(&self.mnt)
-                .status();
-        }
+        unmount(&self.mnt);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match child.try_wait() {
@@ -268,25 +293,7 @@ impl Daemon {
 
     /// Unmounts (lazily if need be) and waits for the daemon; true if it exited by itself.
     pub fn stop(&self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while is_mounted(&self.mnt) && Instant::now() < deadline {
-            let ok = Command::new("fusermount3")
-                .arg("-u")
-                .arg(&self.mnt)
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if !ok {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("fusermount3")
-                .arg("-uz")
-                .arg(&self.mnt)
-                .status();
-        }
+        unmount(&self.mnt);
         if self.wait_gone(Duration::from_secs(30)) {
             return true;
         }
