@@ -35,6 +35,9 @@ pub struct LocalStore {
 /// Objects up to this size are rewritten in place (see [`Store::rewrite`]).
 const PAGE: usize = 4096;
 
+/// How long `lock` waits for another mount of the backend to go away.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Holds the `flock` on `ROOT/.lock` for as long as it lives.
 struct LockGuard(#[allow(dead_code)] File);
 
@@ -352,19 +355,27 @@ impl Store for LocalStore {
             .read(true)
             .open(&path)
             .map_err(StoreError::from_io)?;
-        // SAFETY: flock on a valid, open file descriptor owned by `file`.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
+        // A mount that was just unmounted may still be finishing (syncing, exiting): wait a
+        // little before calling the backend busy, so that unmount-then-mount just works.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            // SAFETY: flock on a valid, open file descriptor owned by `file`.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                return Ok(Some(Box::new(LockGuard(file))));
+            }
             let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(StoreError::Io(err));
+            }
+            if std::time::Instant::now() >= deadline {
                 return Err(StoreError::Io(io::Error::new(
                     io::ErrorKind::ResourceBusy,
                     "backend is in use by another mirrorfs mount",
                 )));
             }
-            return Err(StoreError::Io(err));
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        Ok(Some(Box::new(LockGuard(file))))
     }
 
     fn check(&self) -> Result<(), String> {
