@@ -72,6 +72,25 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Verify every object on every optimal backend and repair bad copies from good ones,
+    /// while the mount serves. With --wait: exit 0 when every object has a good copy
+    /// everywhere, 2 when some could not be repaired.
+    Scrub {
+        mountpoint: PathBuf,
+        /// Wait (with a progress bar on a terminal) and print the outcome.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Check unmounted backends: object graph, link counts, sizes, checksums, and that the
+    /// backends agree. Exit 0 clean, 1 problems found and all repaired, 2 damage left.
+    Fsck {
+        /// The backends of one filesystem (not mounted).
+        #[arg(required = true, value_name = "BACKEND")]
+        backends: Vec<PathBuf>,
+        /// Repair what can be repaired.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Put a new empty directory in the place of a backend and fill it online.
     Replace {
         mountpoint: PathBuf,
@@ -139,6 +158,8 @@ pub fn main() -> i32 {
             new,
             wait,
         } => replace(&mountpoint, &old, &new, wait),
+        Command::Scrub { mountpoint, wait } => scrub(&mountpoint, wait),
+        Command::Fsck { backends, repair } => return fsck(&backends, repair),
     };
     match result {
         Ok(()) => 0,
@@ -155,7 +176,7 @@ pub fn main() -> i32 {
 /// `mirrorfs SOURCE MOUNTPOINT -o OPTS` (as run by mount.fuse3) means `mirrorfs mount ...`.
 fn implicit_mount(mut args: Vec<OsString>) -> Vec<OsString> {
     let subcommands = [
-        "init", "mount", "status", "disable", "recover", "replace", "help",
+        "init", "mount", "status", "disable", "recover", "replace", "scrub", "fsck", "help",
     ];
     if let Some(first) = args.get(1).and_then(|a| a.to_str().map(str::to_owned)) {
         if !first.starts_with('-') && !subcommands.contains(&first.as_str()) {
@@ -430,6 +451,7 @@ fn run_foreground(backends: &[PathBuf], mnt: &Path, s: MountSettings) -> Result<
     );
     if !read_only {
         Fs::start_writeback(&fs);
+        Fs::install_key_locker(&fs);
     }
 
     let mut config = fuser::Config::default();
@@ -666,6 +688,31 @@ fn print_status(st: &serde_json::Value) {
             ""
         }
     );
+    let scrub = &st["scrub"];
+    if !scrub.is_null() {
+        let n = |field: &str| scrub[field].as_u64().unwrap_or(0);
+        let what = if scrub["running"] == serde_json::json!(true) {
+            format!(
+                "scrub running: {}/{} objects, {} at {}/s",
+                n("objects_done"),
+                n("objects_total"),
+                human_bytes(n("bytes_done")),
+                human_bytes(n("rate_bytes_per_sec"))
+            )
+        } else {
+            format!(
+                "last scrub: {} objects checked in {:.1}s",
+                n("objects_done"),
+                scrub["seconds"].as_f64().unwrap_or(0.0)
+            )
+        };
+        println!(
+            "  {what}; {} repaired, {} unrecoverable, {} errors",
+            n("repaired"),
+            n("unrecoverable"),
+            n("errors")
+        );
+    }
     let empty = Vec::new();
     for b in st["backends"].as_array().unwrap_or(&empty) {
         let state = b["state"].as_str().unwrap_or("?");
@@ -753,6 +800,86 @@ fn replace(mnt: &Path, old: &str, new: &Path, wait: bool) -> Result<(), Fail> {
             new.display()
         );
         Ok(())
+    }
+}
+
+fn fsck(backends: &[PathBuf], repair: bool) -> i32 {
+    let stores = match open_stores(backends) {
+        Ok(s) => s,
+        Err(Fail(msg)) => {
+            eprintln!("mirrorfs: {msg}");
+            return 2;
+        }
+    };
+    match crate::fsck::run(stores, repair) {
+        Ok(report) => {
+            for line in &report.lines {
+                println!("{line}");
+            }
+            println!("{}", report.summary());
+            report.exit_code()
+        }
+        Err(msg) => {
+            eprintln!("mirrorfs: {msg}");
+            2
+        }
+    }
+}
+
+fn scrub(mnt: &Path, wait: bool) -> Result<(), Fail> {
+    ask(mnt, serde_json::json!({"cmd": "scrub"}))?;
+    if !wait {
+        println!("scrub started; see mirrorfs status");
+        return Ok(());
+    }
+    use std::io::IsTerminal;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        let style = indicatif::ProgressStyle::with_template(
+            "{spinner} scrub: [{bar:30}] {pos}/{len} objects  {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar
+    });
+    loop {
+        let answer = ask(mnt, serde_json::json!({"cmd": "status"}))?;
+        let p = &answer["status"]["scrub"];
+        let n = |field: &str| p[field].as_u64().unwrap_or(0);
+        if p["running"] != serde_json::json!(true) {
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            println!(
+                "scrub of {}: {} objects checked ({}), {} repaired, {} unrecoverable, \
+                 {} errors, in {:.1}s",
+                mnt.display(),
+                n("objects_done"),
+                human_bytes(n("bytes_done")),
+                n("repaired"),
+                n("unrecoverable"),
+                n("errors"),
+                p["seconds"].as_f64().unwrap_or(0.0)
+            );
+            if n("unrecoverable") > 0 || n("errors") > 0 {
+                return Err(Fail(
+                    "scrub left damage it could not repair; see the mount's log".into(),
+                ));
+            }
+            return Ok(());
+        }
+        if let Some(bar) = &bar {
+            bar.set_length(n("objects_total"));
+            bar.set_position(n("objects_done"));
+            bar.set_message(format!(
+                "{} at {}/s, {} repaired",
+                human_bytes(n("bytes_done")),
+                human_bytes(n("rate_bytes_per_sec")),
+                n("repaired")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

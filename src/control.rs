@@ -7,7 +7,8 @@
 //! one JSON answer line: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
 //!
 //! Requests: `{"cmd": "status"}`, `{"cmd": "disable", "backend": B}`,
-//! `{"cmd": "recover", "backend": B}`, `{"cmd": "replace", "old": B, "new": PATH}`, where B is
+//! `{"cmd": "recover", "backend": B}`, `{"cmd": "replace", "old": B, "new": PATH}`,
+//! `{"cmd": "scrub"}`, where B is
 //! a member id or a backend path. A path that is not a socket of a live mount means "not a
 //! mirrorfs mount".
 
@@ -120,6 +121,7 @@ fn answer(req: &Value, mirror: &Arc<Mirror>, mnt: &Path) -> Value {
         Some("recover") => resolve(mirror, &arg("backend"))
             .and_then(|id| mirror.start_recovery(id).map(|()| json!({"member": id}))),
         Some("replace") => replace(mirror, &arg("old"), &arg("new")),
+        Some("scrub") => mirror.start_scrub().map(|_| json!({})),
         _ => Err("unknown request".into()),
     };
     match result {
@@ -251,8 +253,22 @@ pub fn status(mirror: &Mirror, mnt: &Path) -> Value {
             "reads": 0, "writes": 0, "read_errors": 0, "write_errors": 0, "checksum_errors": 0,
         }));
     }
+    let scrub = mirror.scrub_progress().map_or(Value::Null, |p| {
+        json!({
+            "running": p.running.load(Ordering::Relaxed),
+            "objects_done": p.objects_done.load(Ordering::Relaxed),
+            "objects_total": p.objects_total.load(Ordering::Relaxed),
+            "bytes_done": p.bytes_done.load(Ordering::Relaxed),
+            "rate_bytes_per_sec": p.rate(),
+            "repaired": p.repaired.load(Ordering::Relaxed),
+            "unrecoverable": p.unrecoverable.load(Ordering::Relaxed),
+            "errors": p.errors.load(Ordering::Relaxed),
+            "seconds": p.started.elapsed().as_secs_f64(),
+        })
+    });
     json!({
         "mountpoint": mnt.display().to_string(),
+        "scrub": scrub,
         "fs_uuid": sb.fs_uuid,
         "state": array_state(mirror),
         "generation": sb.generation,

@@ -27,8 +27,12 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Version of this layout, recorded in every superblock.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of this layout, recorded in every superblock. Version 2 added checksums
+/// ([`Superblock::checksums`]); version 1 filesystems are read and written without them.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest layout version this build still mounts.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// Magic string identifying a mirrorfs superblock.
 pub const MAGIC: &str = "mirrorfs";
@@ -67,6 +71,39 @@ pub fn dirent_key(parent: u64, name: &[u8]) -> String {
 /// superset: every key a mutation may have touched is appended before the mutation runs.
 pub fn missed_key(id: u32) -> String {
     format!("missed/{id:08x}")
+}
+
+/// Key of the crash journal (see [`crate::mirror::journal`]).
+pub const JOURNAL_KEY: &str = "journal";
+
+/// How an object is encoded, which decides how it is checksummed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    /// A data block: a header of per-page checksums, then the bytes.
+    Block,
+    /// An inode or directory entry record: a checksum prefix, then the JSON.
+    Record,
+    /// Stored as given (superblock, logs, journal).
+    Raw,
+}
+
+/// The encoding of the object at `key`.
+pub fn key_kind(key: &str) -> KeyKind {
+    if key.starts_with("b/") {
+        KeyKind::Block
+    } else if key.starts_with("i/") || key.starts_with("d/") {
+        KeyKind::Record
+    } else {
+        KeyKind::Raw
+    }
+}
+
+/// The inode an inode or data block key belongs to.
+pub fn key_ino(key: &str) -> Option<u64> {
+    let rest = key.strip_prefix("i/").or_else(|| key.strip_prefix("b/"))?;
+    let name = rest.split('/').nth(1)?;
+    let hex = name.split('.').next()?;
+    u64::from_str_radix(hex, 16).ok()
 }
 
 /// Key of data block `index` of file `ino`.
@@ -295,6 +332,14 @@ pub struct Superblock {
     /// Inode numbers below this may be in use; new ones are reserved above it.
     pub next_ino: u64,
     pub block_size: u64,
+    /// Every object carries a checksum (see [`crate::store::ChecksumStore`]).
+    #[serde(default)]
+    pub checksums: bool,
+    /// The boot of the machine that last mounted the filesystem read-write (from
+    /// `/proc/sys/kernel/random/boot_id`): after an unclean stop, the same boot means the
+    /// mount process died but the page cache, and so the crash journal, survived.
+    #[serde(default)]
+    pub boot_id: String,
 }
 
 impl Superblock {
@@ -310,11 +355,15 @@ impl Superblock {
         if sb.magic != MAGIC {
             return Err("not a mirrorfs superblock".into());
         }
-        if sb.format_version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&sb.format_version) {
             return Err(format!(
-                "format version {} is not supported (this build reads {FORMAT_VERSION})",
+                "format version {} is not supported (this build reads \
+                 {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})",
                 sb.format_version
             ));
+        }
+        if sb.format_version < 2 && sb.checksums {
+            return Err("format version 1 cannot have checksums".into());
         }
         Ok(sb)
     }
@@ -332,6 +381,9 @@ mod tests {
         assert_ne!(dirent_key(7, b"a"), dirent_key(7, b"b"));
         assert!(k.starts_with(&dir_prefix(7)));
         assert_ne!(block_key(3, 1), block_key(3, 2));
+        assert_eq!(key_ino(&block_key(0x1234, 7)), Some(0x1234));
+        assert_eq!(key_ino(&inode_key(0x99)), Some(0x99));
+        assert_eq!(key_ino(&dirent_key(3, b"x")), None);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 pub mod cli;
 pub mod control;
 pub mod fs;
+pub mod fsck;
 pub mod fuse;
 pub mod layout;
 pub mod mirror;

@@ -48,7 +48,7 @@ impl From<MirrorError> for FsError {
             MirrorError::NotFound => FsError::NotFound,
             MirrorError::NoQuorum(_) | MirrorError::ReadOnly => FsError::ReadOnly,
             MirrorError::NoSpace => FsError::NoSpace,
-            MirrorError::Failed(msg) => FsError::Io(msg),
+            MirrorError::Failed(msg) | MirrorError::Corrupt(msg) => FsError::Io(msg),
         }
     }
 }

@@ -312,18 +312,28 @@ impl Fs {
             return Err(FsError::NotDir);
         }
         let prefix = crate::layout::dir_prefix(ino);
-        let raw = self.mirror.read(move |s| {
+        let (mut raw, bad) = self.mirror.read(move |s| {
             let keys = s.list(&prefix)?;
             let mut out = Vec::with_capacity(keys.len());
+            let mut bad = Vec::new();
             for key in keys {
                 match s.get(&key) {
                     Ok(data) => out.push((key, data)),
                     Err(crate::store::StoreError::NotFound) => {}
+                    Err(crate::store::StoreError::Corrupt(_)) => bad.push(key),
                     Err(e) => return Err(e),
                 }
             }
-            Ok(out)
+            Ok((out, bad))
         })?;
+        // Entries whose copy on that backend failed its checksum: read (and repair) each.
+        for key in bad {
+            match self.mirror.get(&key) {
+                Ok(data) => raw.push((key, data)),
+                Err(MirrorError::NotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let mut map = DirMap::new();
         for (key, data) in raw {
             match DirentRecord::decode(&data) {
@@ -335,6 +345,34 @@ impl Fs {
         }
         let dir = Arc::new(RwLock::new(map));
         Ok(Arc::clone(&self.dirs.entry(ino).or_insert(dir)))
+    }
+
+    /// Makes the mirror's scrub check each key under the lock that excludes writes to it:
+    /// the namespace lock for directory entries, the inode's lock for its record and data.
+    pub fn install_key_locker(fs: &Arc<Fs>) {
+        let weak = Arc::downgrade(fs);
+        fs.mirror
+            .set_key_locker(Arc::new(move |key: &str, f: &mut dyn FnMut()| {
+                match weak.upgrade() {
+                    Some(fs) => fs.with_key_locked(key, f),
+                    None => f(),
+                }
+            }));
+    }
+
+    fn with_key_locked(&self, key: &str, f: &mut dyn FnMut()) {
+        if key.starts_with("d/") {
+            let _ns = self.ns.lock();
+            return f();
+        }
+        if let Some(ino) = crate::layout::key_ino(key) {
+            // An inode that cannot be loaded does not exist, so nothing writes to it.
+            if let Ok(node) = self.node(ino) {
+                let _st = node.state.lock();
+                return f();
+            }
+        }
+        f()
     }
 
     /// The attributes of `ino`.
@@ -1093,7 +1131,7 @@ impl Fs {
             let within = pos % self.block_size;
             let n = ((self.block_size - within) as usize).min(len - out.len());
             let start = out.len();
-            match self.mirror.get_range(&block_key(ino, index), within, n) {
+            match self.read_block(ino, index, within, n) {
                 // The common case, a read within one block: hand over the buffer as it is.
                 Ok(mut bytes) if start == 0 && n == len => {
                     bytes.resize(n, 0);
@@ -1107,6 +1145,31 @@ impl Fs {
             pos += n as u64;
         }
         Ok(out)
+    }
+
+    /// Reads bytes of one block. The read takes no lock, so it may overlap a write of the
+    /// same block and see a page whose checksum is not written yet; any checksum mismatch
+    /// is therefore read again under the inode lock, which excludes writes, and only then
+    /// trusted, counted and repaired (see [`Mirror::get_range_checked`]).
+    fn read_block(
+        &self,
+        ino: u64,
+        index: u64,
+        within: u64,
+        n: usize,
+    ) -> Result<Vec<u8>, MirrorError> {
+        let key = block_key(ino, index);
+        match self.mirror.get_range_checked(&key, within, n) {
+            Ok((bytes, false)) => Ok(bytes),
+            Ok((_, true)) | Err(MirrorError::Corrupt(_)) => {
+                let node = self
+                    .node(ino)
+                    .map_err(|e| MirrorError::Failed(e.to_string()))?;
+                let _st = node.state.lock();
+                self.mirror.get_range_healing(&key, within, n)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes back the inode of `ino` if it has unwritten changes; with `sync`, also makes

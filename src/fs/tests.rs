@@ -152,6 +152,7 @@ fn stale_bytes_past_the_end_never_reappear() {
     let fs = rig.fs();
     let ino = write_file(&fs, ROOT_INO, "f", b"abc");
     for m in &rig.mem {
+        let m = crate::store::ChecksumStore::new(Arc::clone(m) as _, fs.block_size);
         m.write_at(&block_key(ino, 0), 3, b"STALE").unwrap();
         m.put(&block_key(ino, 5), b"STALE").unwrap();
     }
@@ -339,7 +340,11 @@ fn small_write_into_large_file_touches_one_block() {
     let start = rig.calls();
     fs.write(rec.ino, fh, 5 * (1 << 20) + 4096, &[2u8; 4096])
         .unwrap();
-    assert_eq!(rig.calls() - start, 1, "one ranged write, nothing else");
+    assert_eq!(
+        rig.calls() - start,
+        2,
+        "one ranged write of the data and one of its checksum, nothing else"
+    );
     let data = fs.read(rec.ino, 5 * (1 << 20) + 4095, 4098).unwrap();
     assert_eq!((data[0], data[1], data[4096], data[4097]), (1, 2, 2, 1));
     fs.release(fh).unwrap();

@@ -33,9 +33,13 @@
 //!
 //! # Reads
 //!
-//! Reads go to one optimal backend, chosen round-robin so that load spreads, with the same
-//! deadline. An I/O error or a timeout degrades that backend and the read is retried on the
-//! next one. "Not found" is returned as an answer.
+//! Reads go to one optimal backend, chosen by a scrambled counter so that load spreads and
+//! every copy is read now and then, with the same deadline. An I/O error or a timeout
+//! degrades that backend and the read is retried on the next one. "Not found" is returned
+//! as an answer. A copy that fails its checksum is not a failure of the backend: the read
+//! is answered from another copy, and the bad one is counted and rewritten from a good one
+//! (see [`Mirror::heal`]); with no good copy left the read fails (EIO), and wrong bytes are
+//! never returned.
 //!
 //! # Start-up
 //!
@@ -56,6 +60,7 @@
 //! mount does not yet compare the optimal backends with each other.
 
 pub mod recovery;
+pub mod scrub;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -67,9 +72,10 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::layout::{self, MemberRecord, Superblock, SUPERBLOCK_KEY};
 use crate::pool::{Answers, WorkerPool};
-use crate::store::{Store, StoreError, StoreResult};
+use crate::store::{ChecksumStore, Store, StoreError, StoreResult};
 
 pub use recovery::Progress;
+pub use scrub::{KeyLocker, ScrubProgress};
 
 /// One object mutation.
 #[derive(Clone, Debug)]
@@ -169,6 +175,9 @@ pub enum MirrorError {
     /// No optimal backend could serve the request.
     #[error("no backend could serve the request: {0}")]
     Failed(String),
+    /// Every optimal backend's copy fails its checksum: no good copy exists.
+    #[error("no good copy: {0}")]
+    Corrupt(String),
 }
 
 /// The state of one backend.
@@ -317,6 +326,10 @@ pub struct Mirror {
     recovery_running: AtomicBool,
     next_read: AtomicUsize,
     locks: Mutex<Vec<Box<dyn Send + Sync>>>,
+    /// Serialises a scrub's check of a key with writes to it (see [`scrub`]).
+    key_locker: std::sync::OnceLock<Arc<KeyLocker>>,
+    /// The running or last scrub.
+    scrub: Mutex<Option<Arc<ScrubProgress>>>,
 }
 
 impl Mirror {
@@ -359,6 +372,7 @@ impl Mirror {
 
         let mut backends = Vec::new();
         for ((location, store), sb) in stores.into_iter().zip(&sbs) {
+            let store = wrap_store(store, &newest);
             let state = start_state(sb, &newest);
             if let BackendState::Degraded(reason) = &state {
                 warn!(
@@ -385,6 +399,8 @@ impl Mirror {
             recovery_running: AtomicBool::new(false),
             next_read: AtomicUsize::new(0),
             locks: Mutex::new(locks),
+            key_locker: std::sync::OnceLock::new(),
+            scrub: Mutex::new(None),
         };
         if mirror.optimal_count() == 0 {
             return Err(OpenError("no backend is current".into()));
@@ -887,19 +903,41 @@ impl Mirror {
         T: Send + 'static,
         F: Fn(&dyn Store) -> StoreResult<T> + Send + Sync + 'static,
     {
+        self.read_from(f).0
+    }
+
+    /// [`Mirror::read`], also returning the backends whose copy failed its checksum (the
+    /// read was answered by another one). With none left, the error is
+    /// [`MirrorError::Corrupt`].
+    fn read_from<T, F>(&self, f: F) -> (Result<T, MirrorError>, Vec<Arc<Backend>>)
+    where
+        T: Send + 'static,
+        F: Fn(&dyn Store) -> StoreResult<T> + Send + Sync + 'static,
+    {
         let f = Arc::new(f);
         let backends = self.backends();
         let n = backends.len();
-        let start = self.next_read.fetch_add(1, Ordering::Relaxed);
+        // A scrambled counter rather than plain round-robin: a reader whose requests come in
+        // a fixed pattern would otherwise always read a given object from the same backend,
+        // and the copies on the others would never be verified by reads.
+        let start = spread(self.next_read.fetch_add(1, Ordering::Relaxed));
         let mut last_error = String::from("no optimal backend");
+        let mut suspects = Vec::new();
         for i in 0..n {
             let backend = &backends[(start + i) % n];
             if !backend.is_optimal() {
                 continue;
             }
             let reason = match self.read_one(backend, Arc::clone(&f)) {
-                Some(Ok(v)) => return Ok(v),
-                Some(Err(StoreError::NotFound)) => return Err(MirrorError::NotFound),
+                Some(Ok(v)) => return (Ok(v), suspects),
+                Some(Err(StoreError::NotFound)) => return (Err(MirrorError::NotFound), suspects),
+                Some(Err(StoreError::Corrupt(why))) => {
+                    // Not a failure of the backend: another copy answers, and the caller
+                    // decides whether to repair this one.
+                    last_error = format!("{}: {why}", backend.location);
+                    suspects.push(Arc::clone(backend));
+                    continue;
+                }
                 Some(Err(e)) => {
                     backend.counters.read_errors.fetch_add(1, Ordering::Relaxed);
                     format!("read failed: {e}")
@@ -914,7 +952,10 @@ impl Mirror {
                 }
             }
         }
-        Err(MirrorError::Failed(last_error))
+        if !suspects.is_empty() {
+            return (Err(MirrorError::Corrupt(last_error)), suspects);
+        }
+        (Err(MirrorError::Failed(last_error)), suspects)
     }
 
     fn read_one<T, F>(&self, backend: &Arc<Backend>, f: Arc<F>) -> Option<StoreResult<T>>
@@ -935,16 +976,103 @@ impl Mirror {
             .flatten()
     }
 
-    /// Reads a whole object.
+    /// Reads a whole object, repairing copies that fail their checksum on the way.
+    ///
+    /// Only for objects no write can be changing at the same time (records being loaded,
+    /// or any object while the caller holds the lock that serialises its writes).
     pub fn get(&self, key: &str) -> Result<Vec<u8>, MirrorError> {
-        let key = key.to_string();
-        self.read(move |s| s.get(&key))
+        let owned = key.to_string();
+        let (result, suspects) = self.read_from(move |s| s.get(&owned));
+        if !suspects.is_empty() {
+            self.heal(key, &suspects);
+        }
+        result
     }
 
-    /// Reads a byte range of an object (short at its end).
-    pub fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>, MirrorError> {
-        let key = key.to_string();
-        self.read(move |s| s.get_range(&key, offset, len))
+    /// Reads a byte range of an object (short at its end), without taking any lock.
+    ///
+    /// A write to the same object may run at the same time, and a read that overlaps it
+    /// can see new data with an old checksum. So a mismatch is not trusted here: the second
+    /// value says some copy failed its checksum, and the caller is expected to read again
+    /// with [`Mirror::get_range_healing`] under the lock that excludes writes. The bytes
+    /// returned are always ones that matched their checksum.
+    pub fn get_range_checked(
+        &self,
+        key: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<(Vec<u8>, bool), MirrorError> {
+        let owned = key.to_string();
+        let (result, suspects) = self.read_from(move |s| s.get_range(&owned, offset, len));
+        match result {
+            Ok(bytes) => Ok((bytes, !suspects.is_empty())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads a byte range of an object; copies that fail their checksum are counted and
+    /// repaired from a good one. The caller must hold the lock that excludes writes to
+    /// `key`. Fails with [`MirrorError::Corrupt`] when no copy is good.
+    pub fn get_range_healing(
+        &self,
+        key: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, MirrorError> {
+        let owned = key.to_string();
+        let (result, suspects) = self.read_from(move |s| s.get_range(&owned, offset, len));
+        if !suspects.is_empty() {
+            self.heal(key, &suspects);
+        }
+        result
+    }
+
+    /// Re-checks `key` on each suspect backend and, where its copy really is bad, counts a
+    /// checksum error and rewrites it from a good copy on another optimal backend. Returns
+    /// the number of copies that were bad and could not be repaired. No write to `key`
+    /// may run meanwhile.
+    pub fn heal(&self, key: &str, suspects: &[Arc<Backend>]) -> usize {
+        let mut bad = Vec::new();
+        for b in suspects {
+            match b.store.get(key) {
+                Err(StoreError::Corrupt(why)) => {
+                    b.counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!("backend {} (member {}): {why}", b.location, b.id);
+                    bad.push(Arc::clone(b));
+                }
+                // A read that overlapped a write, or a copy already repaired.
+                _ => continue,
+            }
+        }
+        if bad.is_empty() {
+            return 0;
+        }
+        let good = self
+            .optimal()
+            .into_iter()
+            .filter(|o| !bad.iter().any(|b| b.id == o.id))
+            .find_map(|o| o.store.get(key).ok().map(|data| (o, data)));
+        let Some((source, data)) = good else {
+            error!("{key}: no backend holds a good copy; reads of it fail with EIO");
+            return bad.len();
+        };
+        if self.opts.read_only {
+            warn!("{key}: read-only mount, bad copies left as they are");
+            return bad.len();
+        }
+        let mut unrepaired = 0;
+        for b in bad {
+            match b.store.put(key, &data) {
+                Ok(()) => info!("repaired {key} on {} from {}", b.location, source.location),
+                Err(e) => {
+                    unrepaired += 1;
+                    b.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                    self.set_degraded(&b, format!("repair of {key} failed: {e}"));
+                    let _ = self.record_degradation(&[b.id], &[key.to_string()]);
+                }
+            }
+        }
+        unrepaired
     }
 
     /// Lists keys under a prefix.
@@ -963,6 +1091,14 @@ impl Mirror {
     }
 }
 
+/// SplitMix64's finaliser: consecutive counters map to well-spread values.
+fn spread(n: usize) -> usize {
+    let mut z = (n as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as usize
+}
+
 fn stripe_of(key: &str) -> usize {
     let hash = blake3::hash(key.as_bytes());
     let bytes = hash.as_bytes();
@@ -973,6 +1109,15 @@ fn stripe_of(key: &str) -> usize {
 /// of an empty filesystem) and then a superblock to each, and syncs. Returns the new
 /// filesystem's uuid. Member ids follow the order of `stores`.
 pub fn format(stores: &[(String, Arc<dyn Store>)], contents: &Batch) -> StoreResult<String> {
+    format_with(stores, contents, true)
+}
+
+/// [`format`], choosing whether objects carry checksums (benchmarks compare both).
+pub fn format_with(
+    stores: &[(String, Arc<dyn Store>)],
+    contents: &Batch,
+    checksums: bool,
+) -> StoreResult<String> {
     let members: Vec<MemberRecord> = stores
         .iter()
         .enumerate()
@@ -994,10 +1139,13 @@ pub fn format(stores: &[(String, Arc<dyn Store>)], contents: &Batch) -> StoreRes
         clean: true,
         next_ino: layout::ROOT_INO + 1,
         block_size: layout::DEFAULT_BLOCK_SIZE,
+        checksums,
+        boot_id: String::new(),
     };
     for (i, (_, store)) in stores.iter().enumerate() {
+        let wrapped = wrap_store(Arc::clone(store), &sb);
         for m in contents {
-            m.apply(store.as_ref())?;
+            m.apply(wrapped.as_ref())?;
         }
         let mut own = sb.clone();
         own.member_id = i as u32;
@@ -1005,6 +1153,16 @@ pub fn format(stores: &[(String, Arc<dyn Store>)], contents: &Batch) -> StoreRes
         store.sync()?;
     }
     Ok(sb.fs_uuid)
+}
+
+/// The store as the mirror uses it: wrapped in a [`ChecksumStore`] when the filesystem has
+/// checksums.
+pub fn wrap_store(store: Arc<dyn Store>, sb: &Superblock) -> Arc<dyn Store> {
+    if sb.checksums {
+        Arc::new(ChecksumStore::new(store, sb.block_size))
+    } else {
+        store
+    }
 }
 
 fn run_batch(backend: &Backend, batch: &Batch) -> StoreResult<()> {

@@ -15,10 +15,12 @@
 //! - "Not found" is an answer, not a failure: [`StoreError::NotFound`] never degrades a
 //!   backend.
 
+mod checksum;
 mod fault;
 mod local;
 mod memory;
 
+pub use checksum::{open_record, page_sum, seal_record, ChecksumStore, PAGE};
 pub use fault::{FaultKind, FaultStore, Op};
 pub use local::LocalStore;
 pub use memory::MemoryStore;
@@ -37,6 +39,9 @@ pub enum StoreError {
     /// The store is full.
     #[error("no space left on backend")]
     NoSpace,
+    /// The object's bytes do not match its checksum (see [`ChecksumStore`]).
+    #[error("{0}")]
+    Corrupt(String),
     /// Any other I/O failure.
     #[error("{0}")]
     Io(#[from] io::Error),
