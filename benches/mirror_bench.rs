@@ -18,7 +18,12 @@
 //! 6. full recovery (`replace`) of a backend holding the file set against `cp -a` of the same
 //!    backend directory; recovery after an outage in which 1% of the files changed (bytes
 //!    copied against the total); write throughput while a full recovery runs, against
-//!    without.
+//!    without;
+//! 7. the cost of checksums: sequential write and cold read through a mirror whose objects
+//!    carry checksums, against the same build on a mirror formatted without them (best of
+//!    two runs each, alternating);
+//! 8. scrub of that mirror (caches dropped) against reading the same bytes of both backend
+//!    directories natively.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -28,7 +33,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mirrorfs::mirror::{format, Mirror, MirrorOptions, Mutation};
+use mirrorfs::mirror::{format, format_with, Mirror, MirrorOptions, Mutation};
 use mirrorfs::store::{FaultKind, FaultStore, LocalStore, Op, Store};
 
 const MIB: usize = 1 << 20;
@@ -75,6 +80,9 @@ fn main() {
     }
     if wanted("recovery") {
         recovery(dir.path(), mib);
+    }
+    if wanted("integrity") {
+        integrity(dir.path(), mib);
     }
 }
 
@@ -563,5 +571,105 @@ fn recovery(root: &Path, mib: usize) {
     drop(mount);
     for d in backends.iter().chain([&fresh, &again]) {
         let _ = fs::remove_dir_all(d);
+    }
+}
+
+/// Two backends formatted through the library, with or without checksums.
+fn mirror_dirs_checksums(root: &Path, name: &str, checksums: bool) -> (Vec<PathBuf>, PathBuf) {
+    let backends: Vec<PathBuf> = (0..2).map(|i| root.join(format!("{name}-b{i}"))).collect();
+    let mut stores: Vec<(String, Arc<dyn Store>)> = Vec::new();
+    for b in &backends {
+        fs::create_dir_all(b).unwrap();
+        let s = LocalStore::open(b).unwrap();
+        stores.push((s.describe(), Arc::new(s)));
+    }
+    // SAFETY: getuid/getgid have no preconditions and cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    format_with(&stores, &mirrorfs::fs::Fs::root_batch(uid, gid), checksums).unwrap();
+    let mnt = root.join(format!("{name}-mnt"));
+    fs::create_dir_all(&mnt).unwrap();
+    (backends, mnt)
+}
+
+fn read_tree(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            total += read_tree(&path);
+        } else {
+            total += read_file(&path).1 as u64;
+        }
+    }
+    total
+}
+
+fn integrity(root: &Path, mib: usize) {
+    let chunk = pattern(MIB);
+    let with = mirror_dirs_checksums(root, "sum", true);
+    let without = mirror_dirs_checksums(root, "nosum", false);
+    let mut best = [[f64::MAX; 2]; 2];
+    for round in 0..2 {
+        for (i, (backends, mnt)) in [&with, &without].into_iter().enumerate() {
+            let mount = Mounted::start(backends, mnt);
+            let _ = fs::remove_file(mnt.join("big"));
+            drop_caches();
+            let w = write_file(&mnt.join("big"), mib, &chunk).as_secs_f64();
+            drop_caches();
+            let (r, n) = read_file(&mnt.join("big"));
+            assert_eq!(n, mib * MIB);
+            best[i][0] = best[i][0].min(w);
+            best[i][1] = best[i][1].min(r.as_secs_f64());
+            drop(mount);
+            if round == 1 && i == 1 {
+                let _ = fs::remove_dir_all(mnt);
+            }
+        }
+    }
+    report(
+        &format!("seq write {mib} MiB, checksums on vs off"),
+        best[1][0],
+        best[0][0],
+        "s",
+        1.1,
+    );
+    report(
+        &format!("seq read {mib} MiB cold, checksums on vs off"),
+        best[1][1],
+        best[0][1],
+        "s",
+        1.1,
+    );
+
+    // Scrub reads every copy: compare with reading both backend directories natively.
+    let (backends, mnt) = &with;
+    let mount = Mounted::start(backends, mnt);
+    drop_caches();
+    let start = Instant::now();
+    let bytes: u64 = backends.iter().map(|b| read_tree(b)).sum();
+    let native = start.elapsed().as_secs_f64();
+    drop_caches();
+    let start = Instant::now();
+    let out = cli(&["scrub".as_ref(), mnt.as_os_str(), "--wait".as_ref()]);
+    let scrub = start.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "scrub failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ratio = scrub / native;
+    println!(
+        "{:<44} {:>10.2}s {:>10.2}s {ratio:>7.2}x  (scrub {:.0} MiB/s, native read {:.0} MiB/s)",
+        "scrub of 2 copies vs native read of both",
+        native,
+        scrub,
+        bytes as f64 / MIB as f64 / scrub,
+        bytes as f64 / MIB as f64 / native
+    );
+    drop(mount);
+    for (backends, _) in [with, without] {
+        for b in backends {
+            let _ = fs::remove_dir_all(b);
+        }
     }
 }

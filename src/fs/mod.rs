@@ -28,13 +28,17 @@
 //!
 //! # Ordering of mutations within a batch (crash safety)
 //!
-//! New objects are written before the entry that links them, and entries are removed before
-//! the objects they point to, so a crash leaves at worst an unreferenced object or a link
-//! count that is too high, never an entry pointing at nothing. File sizes and times changed
-//! by `write` are kept in memory and written with the inode at `flush`, `fsync`, `release`,
-//! unmount, or by the writeback thread within [`WRITEBACK_INTERVAL`]; a crash before that may
-//! lose the new size of a file whose bytes were written (as on any filesystem without
-//! `fsync`).
+//! Every operation is one batch, and the mirror's crash journal redoes a batch cut short by
+//! a crash of the mount process, so each operation is all-or-nothing on every backend (see
+//! [`crate::mirror::journal`]). That relies on this layer holding the locks of everything a
+//! batch changes until the mirror acknowledges it. Within a batch, new objects are still
+//! written before the entry that links them, and entries removed before the objects they
+//! point to, so that without the journal (after a power loss) a crash leaves at worst an
+//! unreferenced object or a link count that is too high, never an entry pointing at nothing.
+//! File sizes and times changed by `write` are kept in memory and written with the inode at
+//! `flush`, `fsync`, `release`, unmount, or by the writeback thread within
+//! [`WRITEBACK_INTERVAL`]; after a crash of the mount process, the repair raises the size of
+//! every file written lately to cover its data.
 
 mod error;
 

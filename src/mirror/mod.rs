@@ -55,10 +55,13 @@
 //! `switch` (shared by broadcasts, exclusive for the last step of a recovery) before `sb`
 //! before `logs`; backend state mutexes are leaves. `ino` is taken before `sb`.
 //!
-//! Known shortcomings (failure handling): a backend that failed stays degraded until an
-//! operator runs `recover`; nothing retries it automatically. After an unclean stop the next
-//! mount does not yet compare the optimal backends with each other.
+//! After an unclean stop, a read-write mount first brings the current backends back to one
+//! state, from the crash journal or by comparing everything (see [`journal`]).
+//!
+//! Known shortcoming (failure handling): a backend that failed stays degraded until an
+//! operator runs `recover`; nothing retries it automatically.
 
+pub mod journal;
 pub mod recovery;
 pub mod scrub;
 
@@ -330,6 +333,8 @@ pub struct Mirror {
     key_locker: std::sync::OnceLock<Arc<KeyLocker>>,
     /// The running or last scrub.
     scrub: Mutex<Option<Arc<ScrubProgress>>>,
+    /// Crash journal bookkeeping (see [`journal`]).
+    journal: Mutex<journal::JournalState>,
 }
 
 impl Mirror {
@@ -401,9 +406,25 @@ impl Mirror {
             locks: Mutex::new(locks),
             key_locker: std::sync::OnceLock::new(),
             scrub: Mutex::new(None),
+            journal: Mutex::new(journal::JournalState::new()),
         };
         if mirror.optimal_count() == 0 {
             return Err(OpenError("no backend is current".into()));
+        }
+        let (clean, last_boot) = {
+            let sb = mirror.sb.lock();
+            (sb.clean, sb.boot_id.clone())
+        };
+        if !clean {
+            if mirror.opts.read_only {
+                warn!("the filesystem was not unmounted cleanly; a read-write mount repairs it");
+            } else {
+                let here = journal::boot_id();
+                let same_boot = !here.is_empty() && last_boot == here;
+                mirror
+                    .repair_after_crash(same_boot)
+                    .map_err(|e| OpenError(format!("repair after an unclean shutdown: {e}")))?;
+            }
         }
         if !mirror.opts.read_only {
             mirror.start_writing()?;
@@ -461,6 +482,7 @@ impl Mirror {
     fn start_writing(&self) -> Result<(), OpenError> {
         let mut sb = self.sb.lock();
         sb.clean = false;
+        sb.boot_id = journal::boot_id();
         sb.generation += 1;
         sb.next_ino += INO_RESERVATION;
         let reserved = sb.next_ino;
@@ -472,7 +494,8 @@ impl Mirror {
             }
         }
         self.load_log_offsets(&sb);
-        self.write_superblocks(&mut sb, |_| Vec::new())
+        // A fresh journal: anything in an old one has been repaired by now.
+        self.write_superblocks(&mut sb, |_| vec![delete_journal()])
             .map_err(|e| OpenError(format!("cannot write superblocks: {e}")))?;
         drop(sb);
         self.ino.lock().limit = reserved;
@@ -501,7 +524,7 @@ impl Mirror {
         let mut sb = self.sb.lock();
         sb.clean = true;
         self.refresh_member_table(&mut sb);
-        self.write_superblocks(&mut sb, |_| Vec::new())?;
+        self.write_superblocks(&mut sb, |_| vec![delete_journal()])?;
         info!("all backends synced and marked clean");
         Ok(())
     }
@@ -703,8 +726,10 @@ impl Mirror {
         if self.optimal_count() < self.opts.min_optimal {
             return Err(MirrorError::NoQuorum(self.opts.min_optimal));
         }
+        self.maybe_checkpoint();
         let _switch = self.switch.read();
         self.foreground.fetch_add(1, Ordering::Relaxed);
+        let lines = self.journal_lines(&batch);
         let batch = Arc::new(batch);
         // The keys are only needed while some member is not optimal; most writes never
         // compute them.
@@ -725,7 +750,18 @@ impl Mirror {
             full.extend(batch.iter().cloned());
             Arc::new(full)
         };
-        let results = self.run_jobs(&targets, |_| Arc::clone(&full));
+        // Backends that keep a journal get the batch between its entry and its ok line.
+        let journaled = lines.map(|lines| {
+            let mut with = Vec::with_capacity(full.len() + 2);
+            with.push(lines.before);
+            with.extend(full.iter().cloned());
+            with.push(lines.after);
+            Arc::new(with)
+        });
+        let results = self.run_jobs(&targets, |b| match &journaled {
+            Some(with) if b.store.ranged_writes() => Arc::clone(with),
+            _ => Arc::clone(&full),
+        });
         let failed = self.failures(&targets, &results);
         if !failed.is_empty() {
             if failed.len() == targets.len() {
@@ -1246,7 +1282,13 @@ fn start_state(sb: &Superblock, newest: &Superblock) -> BackendState {
 
 /// Keys that only the mirror itself manages and that recovery never copies as data.
 fn is_private_key(key: &str) -> bool {
-    key == SUPERBLOCK_KEY
+    key == SUPERBLOCK_KEY || key == layout::JOURNAL_KEY
+}
+
+fn delete_journal() -> Mutation {
+    Mutation::Delete {
+        key: layout::JOURNAL_KEY.into(),
+    }
 }
 
 /// Parses a missed-key log: one key per line; empty lines (or zero bytes left by a crash

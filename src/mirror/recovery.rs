@@ -40,7 +40,7 @@ use super::{
     RecoverySummary,
 };
 use crate::layout;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreResult};
 
 /// Progress of a recovery, shown by status.
 #[derive(Debug)]
@@ -396,7 +396,7 @@ impl Mirror {
         let started = Instant::now();
         {
             let _stripe = self.stripes[stripe_of(key)].lock();
-            match source.store.get(key) {
+            match self.source_copy(source, x, key) {
                 Ok(data) => {
                     let same = compare && x.store.get(key).is_ok_and(|old| old == data);
                     if !same {
@@ -422,6 +422,32 @@ impl Mirror {
             std::thread::sleep(started.elapsed());
         }
         Ok(())
+    }
+
+    /// The source's copy of `key`; when it fails its checksum, another optimal backend's
+    /// (and the source's is repaired from it).
+    fn source_copy(&self, source: &Backend, x: &Backend, key: &str) -> StoreResult<Vec<u8>> {
+        match source.store.get(key) {
+            Err(StoreError::Corrupt(why)) => {
+                let others: Vec<Arc<Backend>> = self
+                    .optimal()
+                    .into_iter()
+                    .filter(|b| b.id != x.id)
+                    .collect();
+                let source = others
+                    .iter()
+                    .find(|b| b.id == source.id)
+                    .cloned()
+                    .into_iter()
+                    .collect::<Vec<_>>();
+                self.heal(key, &source);
+                others
+                    .iter()
+                    .find_map(|b| b.store.get(key).ok())
+                    .ok_or(StoreError::Corrupt(why))
+            }
+            other => other,
+        }
     }
 
     /// The short last step: see the module docs.
@@ -455,6 +481,8 @@ impl Mirror {
 
         *x.last_recovery.lock() = Some(summary(progress, ""));
         *x.state.lock() = BackendState::Optimal;
+        // Writes are paused (switch): start every member's journal afresh together.
+        self.checkpoint_locked();
         let mut sb = self.sb.lock();
         sb.generation += 1;
         self.refresh_member_table(&mut sb);

@@ -123,6 +123,13 @@ pub trait Store: Send + Sync {
     /// bytes written.
     fn ranged_writes(&self) -> bool;
 
+    /// Recomputes the checksums of bytes `from..to` of a data block from the bytes stored
+    /// (see [`ChecksumStore`]): after a crash, the ranges that were being written are
+    /// trusted as they are. Stores without checksums have nothing to do.
+    fn reseal(&self, _key: &str, _from: u64, _to: u64) -> StoreResult<()> {
+        Ok(())
+    }
+
     /// Takes an exclusive lock that is held until the returned guard is dropped, so that two
     /// mounts never use one backend at once. Returns `Ok(None)` when the store cannot lock.
     fn lock(&self) -> StoreResult<Option<Box<dyn Send + Sync>>> {
