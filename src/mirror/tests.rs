@@ -443,3 +443,75 @@ fn failed_recovery_leaves_the_member_degraded_with_the_reason() {
     assert_eq!(wait_settled(&m, 1), BackendState::Optimal);
     assert_same(&rig.mem[0], &rig.mem[1]);
 }
+
+#[test]
+fn a_bad_copy_is_answered_around_counted_and_repaired() {
+    let rig = Rig::new(2);
+    let m = rig.open(fast());
+    let key = layout::block_key(9, 0);
+    let data: Vec<u8> = (0..20_000).map(|i| (i % 251) as u8).collect();
+    m.apply(vec![Mutation::WriteAt {
+        key: key.clone(),
+        offset: 0,
+        data: data.clone().into(),
+    }])
+    .unwrap();
+    // Flip a byte of the second page on backend 0, under the checksums.
+    let mut raw = rig.mem[0].get(&key).unwrap();
+    let header = raw.len() - data.len();
+    raw[header + 5000] ^= 1;
+    rig.mem[0].put(&key, &raw).unwrap();
+    for _ in 0..8 {
+        let got = m.get_range_healing(&key, 4096, 4096).unwrap();
+        assert_eq!(got, data[4096..8192].to_vec());
+    }
+    let backends = m.backends();
+    assert_eq!(
+        backends[0].counters.checksum_errors.load(Ordering::Relaxed),
+        1
+    );
+    assert_eq!(rig.mem[0].get(&key).unwrap(), rig.mem[1].get(&key).unwrap());
+
+    // Bad on both: the read fails, and never with wrong bytes.
+    for mem in &rig.mem {
+        let mut raw = mem.get(&key).unwrap();
+        raw[header + 5000] ^= 1;
+        mem.put(&key, &raw).unwrap();
+    }
+    assert!(matches!(
+        m.get_range_healing(&key, 4096, 100),
+        Err(MirrorError::Corrupt(_))
+    ));
+    // Other pages of the block still read.
+    assert_eq!(
+        m.get_range_healing(&key, 0, 10).unwrap(),
+        data[..10].to_vec()
+    );
+}
+
+#[test]
+fn the_journal_marks_each_batch_done_on_every_backend() {
+    let rig = Rig::new(2);
+    let m = rig.open(fast());
+    m.apply(vec![put(&layout::inode_key(5), b"{\"a\":1}")])
+        .unwrap();
+    m.apply(vec![Mutation::WriteAt {
+        key: layout::block_key(5, 0),
+        offset: 0,
+        data: b"xyz"[..].into(),
+    }])
+    .unwrap();
+    for mem in &rig.mem {
+        let parsed = journal::parse(&mem.get(layout::JOURNAL_KEY).unwrap());
+        assert_eq!(parsed.entries.len(), 2);
+        assert_eq!(
+            parsed.oks,
+            parsed.entries.keys().copied().collect::<BTreeSet<u64>>()
+        );
+    }
+    m.close().unwrap();
+    assert!(matches!(
+        rig.mem[0].get(layout::JOURNAL_KEY),
+        Err(StoreError::NotFound)
+    ));
+}
