@@ -158,7 +158,11 @@ pub fn main() -> i32 {
             new,
             wait,
         } => replace(&mountpoint, &old, &new, wait),
-        Command::Scrub { mountpoint, wait } => scrub(&mountpoint, wait),
+        Command::Scrub { mountpoint, wait } => match scrub(&mountpoint, wait) {
+            Ok(true) => return 0,
+            Ok(false) => return 2,
+            Err(e) => Err(e),
+        },
         Command::Fsck { backends, repair } => return fsck(&backends, repair),
     };
     match result {
@@ -826,11 +830,12 @@ fn fsck(backends: &[PathBuf], repair: bool) -> i32 {
     }
 }
 
-fn scrub(mnt: &Path, wait: bool) -> Result<(), Fail> {
+/// Starts a scrub; with `wait`, returns whether every object ended up with good copies.
+fn scrub(mnt: &Path, wait: bool) -> Result<bool, Fail> {
     ask(mnt, serde_json::json!({"cmd": "scrub"}))?;
     if !wait {
         println!("scrub started; see mirrorfs status");
-        return Ok(());
+        return Ok(true);
     }
     use std::io::IsTerminal;
     let bar = std::io::stderr().is_terminal().then(|| {
@@ -863,11 +868,10 @@ fn scrub(mnt: &Path, wait: bool) -> Result<(), Fail> {
                 p["seconds"].as_f64().unwrap_or(0.0)
             );
             if n("unrecoverable") > 0 || n("errors") > 0 {
-                return Err(Fail(
-                    "scrub left damage it could not repair; see the mount's log".into(),
-                ));
+                eprintln!("mirrorfs: scrub left damage it could not repair; see the mount's log");
+                return Ok(false);
             }
-            return Ok(());
+            return Ok(true);
         }
         if let Some(bar) = &bar {
             bar.set_length(n("objects_total"));

@@ -568,10 +568,11 @@ impl Checker {
             ino: rec.ino,
             kind: rec.kind,
         };
-        let ok = self.put_all(&dirent_key(lf, &name), &entry.encode());
+        let mut ok = self.put_all(&dirent_key(lf, &name), &entry.encode());
         if ok && rec.kind == Kind::Dir {
             let mut moved = rec.clone();
             moved.parent = lf;
+            ok = self.put_all(&inode_key(rec.ino), &moved.encode());
             inodes.insert(rec.ino, moved);
         }
         ok

@@ -290,10 +290,21 @@ impl Fs {
     // ----- loading -------------------------------------------------------------------------
 
     fn node(&self, ino: u64) -> FsResult<Arc<Node>> {
+        self.load_node(ino, true)
+    }
+
+    /// The cached inode, loaded first when needed; `heal` repairs bad copies of its record
+    /// on the way (scrub loads without, because it repairs and counts them itself).
+    fn load_node(&self, ino: u64, heal: bool) -> FsResult<Arc<Node>> {
         if let Some(n) = self.nodes.get(&ino) {
             return Ok(Arc::clone(&n));
         }
-        let data = self.mirror.get(&inode_key(ino))?;
+        let key = inode_key(ino);
+        let data = if heal {
+            self.mirror.get(&key)?
+        } else {
+            self.mirror.get_unhealed(&key)?
+        };
         let rec = InodeRecord::decode(&data).map_err(|e| {
             error!("inode {ino:#x} is unreadable: {e}");
             FsError::Corrupt(inode_key(ino))
@@ -371,7 +382,7 @@ impl Fs {
         }
         if let Some(ino) = crate::layout::key_ino(key) {
             // An inode that cannot be loaded does not exist, so nothing writes to it.
-            if let Ok(node) = self.node(ino) {
+            if let Ok(node) = self.load_node(ino, false) {
                 let _st = node.state.lock();
                 return f();
             }

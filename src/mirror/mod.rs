@@ -1025,6 +1025,13 @@ impl Mirror {
         result
     }
 
+    /// Reads a whole object from any backend with a good copy, repairing nothing (for
+    /// callers that repair, and count, themselves).
+    pub fn get_unhealed(&self, key: &str) -> Result<Vec<u8>, MirrorError> {
+        let owned = key.to_string();
+        self.read_from(move |s| s.get(&owned)).0
+    }
+
     /// Reads a byte range of an object (short at its end), without taking any lock.
     ///
     /// A write to the same object may run at the same time, and a read that overlaps it
