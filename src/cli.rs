@@ -292,6 +292,7 @@ struct MountSettings {
     degraded: bool,
     min_optimal: Option<usize>,
     timeout: Option<f64>,
+    write_buffer_mib: Option<usize>,
 }
 
 fn parse_options(opts: &[String]) -> Result<MountSettings, Fail> {
@@ -330,6 +331,13 @@ fn parse_options(opts: &[String]) -> Result<MountSettings, Fail> {
             }
             ("timeout", Some(v)) => {
                 s.timeout = Some(v.parse().map_err(|_| Fail(format!("bad value: {opt}")))?)
+            }
+            ("write_buffer_mib", Some(v)) => {
+                let mib: usize = v.parse().map_err(|_| Fail(format!("bad value: {opt}")))?;
+                if mib == 0 {
+                    return Err(Fail(format!("bad value: {opt} (at least 1)")));
+                }
+                s.write_buffer_mib = Some(mib);
             }
             // Accepted and ignored: permission checks are always done by the kernel, and
             // these are fstab/mount(8) options that mount.fuse3 may pass through.
@@ -441,6 +449,9 @@ fn run_foreground(backends: &[PathBuf], mnt: &Path, s: MountSettings) -> Result<
     };
     if let Some(n) = s.min_optimal {
         opts.min_optimal = n;
+    }
+    if let Some(mib) = s.write_buffer_mib {
+        opts.write_buffer = mib << 20;
     }
     if let Some(t) = s.timeout {
         if !(t > 0.0 && t.is_finite()) {

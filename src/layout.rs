@@ -106,6 +106,11 @@ pub fn key_ino(key: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
+/// The prefix of every data block key of file `ino`.
+pub fn block_prefix(ino: u64) -> String {
+    format!("b/{:02x}/{:016x}.", ino & 0xff, ino)
+}
+
 /// Key of data block `index` of file `ino`.
 pub fn block_key(ino: u64, index: u64) -> String {
     format!("b/{:02x}/{:016x}.{:08x}", ino & 0xff, ino, index)
@@ -382,6 +387,7 @@ mod tests {
         assert!(k.starts_with(&dir_prefix(7)));
         assert_ne!(block_key(3, 1), block_key(3, 2));
         assert_eq!(key_ino(&block_key(0x1234, 7)), Some(0x1234));
+        assert!(block_key(0x1234, 7).starts_with(&block_prefix(0x1234)));
         assert_eq!(key_ino(&inode_key(0x99)), Some(0x99));
         assert_eq!(key_ino(&dirent_key(3, b"x")), None);
     }

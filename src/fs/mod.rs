@@ -54,7 +54,8 @@ use log::{debug, error};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use crate::layout::{
-    block_key, dirent_key, inode_key, DirentRecord, InodeRecord, Kind, Timestamp, ROOT_INO,
+    block_key, block_prefix, dirent_key, inode_key, DirentRecord, InodeRecord, Kind, Timestamp,
+    ROOT_INO,
 };
 use crate::mirror::{Batch, Mirror, MirrorError, Mutation};
 
@@ -1198,6 +1199,11 @@ impl Fs {
         }
         if sync && !self.mirror.read_only() {
             batch.push(Mutation::Sync);
+        } else if self.mirror.has_pending(&block_prefix(ino)) {
+            // Close: data held in memory for a bucket goes out before close returns.
+            batch.push(Mutation::Flush {
+                prefix: block_prefix(ino),
+            });
         }
         if batch.is_empty() {
             return Ok(());
@@ -1226,9 +1232,20 @@ impl Fs {
         if st.open == 0 && st.rec.nlink == 0 && !self.mirror.read_only() {
             self.mirror.apply(self.destroy_mutations(&st.rec))?;
             st.dirty = false;
-        } else if st.dirty && !self.mirror.read_only() {
-            self.mirror.apply(vec![persist(&st.rec)])?;
-            st.dirty = false;
+        } else if !self.mirror.read_only() {
+            let mut batch = Vec::new();
+            if st.dirty {
+                batch.push(persist(&st.rec));
+            }
+            if self.mirror.has_pending(&block_prefix(h.ino)) {
+                batch.push(Mutation::Flush {
+                    prefix: block_prefix(h.ino),
+                });
+            }
+            if !batch.is_empty() {
+                self.mirror.apply(batch)?;
+                st.dirty = false;
+            }
         }
         Ok(())
     }
@@ -1265,7 +1282,7 @@ impl Fs {
             return false;
         };
         let clean = node.state.try_lock().is_some_and(|st| !st.dirty);
-        clean
+        clean && !self.mirror.has_pending(&block_prefix(ino))
     }
 
     /// `release` done in memory when it needs no I/O: a directory handle, or a file handle
@@ -1282,7 +1299,7 @@ impl Fs {
         let node = self.nodes.get(&ino).map(|n| Arc::clone(&n))?;
         let mut st = node.state.try_lock()?;
         let last_of_unlinked = st.open <= 1 && st.rec.nlink == 0;
-        if st.dirty || last_of_unlinked {
+        if st.dirty || last_of_unlinked || self.mirror.has_pending(&block_prefix(ino)) {
             return None;
         }
         self.handles.remove(&fh)?;

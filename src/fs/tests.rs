@@ -415,3 +415,41 @@ fn stalled_backend_is_left_behind_and_the_filesystem_goes_on() {
     assert_eq!(states[1], crate::mirror::BackendState::Optimal);
     rig.counters[0].clear();
 }
+
+#[test]
+fn a_bucket_backend_gets_partial_blocks_at_close_and_the_same_bytes() {
+    let local = Arc::new(MemoryStore::new("local"));
+    let bucket = Arc::new(MemoryStore::whole_objects("bucket"));
+    let stores: Vec<(String, Arc<dyn Store>)> = vec![
+        ("local".into(), Arc::clone(&local) as Arc<dyn Store>),
+        ("bucket".into(), Arc::clone(&bucket) as Arc<dyn Store>),
+    ];
+    format(&stores, &Fs::root_batch(0, 0)).unwrap();
+    let mirror = Mirror::open(stores, MirrorOptions::default()).unwrap();
+    let fs = Fs::new(Arc::new(mirror)).unwrap();
+    let (rec, fh) = fs.create(ME, ROOT_INO, b"f", 0o644, libc::O_RDWR).unwrap();
+    let piece: Vec<u8> = (0..100_000).map(|i| (i % 253) as u8).collect();
+    for i in 0..13u64 {
+        fs.write(rec.ino, fh, i * 100_000, &piece).unwrap();
+    }
+    // Block 0 (1 MiB) is complete and sent; block 1 is partial and held in memory.
+    let (b0, b1) = (block_key(rec.ino, 0), block_key(rec.ino, 1));
+    assert!(bucket.get(&b0).is_ok());
+    assert!(bucket.get(&b1).is_err(), "a partial block waits for close");
+    assert!(local.get(&b1).is_ok());
+    let back = fs.read(rec.ino, 1_250_000, 10).unwrap();
+    assert_eq!(back, piece[50_000..50_010].to_vec());
+    assert!(!fs.flush_is_noop(rec.ino));
+    fs.flush(rec.ino).unwrap();
+    fs.release(fh).unwrap();
+    let strip = |m: &MemoryStore| {
+        let mut snap = m.snapshot();
+        snap.remove(crate::layout::SUPERBLOCK_KEY);
+        snap.remove(crate::layout::JOURNAL_KEY);
+        snap
+    };
+    assert!(
+        strip(&local) == strip(&bucket),
+        "the bucket holds what the local store holds"
+    );
+}

@@ -173,7 +173,7 @@ pub fn ops_of(batch: &Batch) -> Vec<Op> {
                 f: *from,
                 t: *to,
             }),
-            Mutation::Sync => {}
+            Mutation::Sync | Mutation::Flush { .. } => {}
         }
     }
     ops
@@ -282,6 +282,21 @@ impl Mirror {
     /// batch is in flight. Also run when a member becomes optimal again, so that every
     /// current member's journal describes the same batches.
     pub(super) fn checkpoint_locked(&self) {
+        // Buffering backends send what they hold first: the journal is what would tell a
+        // crash repair that they missed it.
+        let buffering: Vec<Arc<Backend>> = self
+            .optimal()
+            .into_iter()
+            .filter(|b| !b.store.ranged_writes())
+            .collect();
+        let flush = Arc::new(vec![Mutation::Flush {
+            prefix: String::new(),
+        }]);
+        let results = self.run_jobs(&buffering, |_| Arc::clone(&flush));
+        for (b, reason, _) in self.failures(&buffering, &results) {
+            b.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+            self.set_degraded(&b, format!("write failed: {reason}"));
+        }
         let mut j = self.journal.lock();
         let mut carry: Vec<u64> = j.written.drain().collect();
         carry.sort_unstable();
@@ -370,6 +385,27 @@ impl Mirror {
                 .map(|(b, _)| b.id)
                 .collect();
             self.redo(&current, ops, &done)?;
+        }
+        // Backends that buffer writes in memory lost what they held: give them every block
+        // written since the journal began.
+        let buffering = current.iter().any(|b| !b.store.ranged_writes());
+        if buffering {
+            let source = journaled[0];
+            let mut keys = BTreeSet::new();
+            for ops in entries.values() {
+                for op in ops {
+                    if let Op::Data { k, .. } | Op::Truncate { k, .. } = op {
+                        keys.insert(k.clone());
+                    }
+                }
+            }
+            info!(
+                "bringing {} blocks to the backends without a journal",
+                keys.len()
+            );
+            for k in &keys {
+                self.copy_from(source, &current, k)?;
+            }
         }
         self.fix_sizes(&current, &written)?;
         Ok(())

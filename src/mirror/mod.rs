@@ -75,7 +75,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::layout::{self, MemberRecord, Superblock, SUPERBLOCK_KEY};
 use crate::pool::{Answers, WorkerPool};
-use crate::store::{ChecksumStore, Store, StoreError, StoreResult};
+use crate::store::{BufferedStore, ChecksumStore, Store, StoreError, StoreResult, WriteBudget};
 
 pub use recovery::Progress;
 pub use scrub::{KeyLocker, ScrubProgress};
@@ -103,6 +103,8 @@ pub enum Mutation {
     TrimBlocks { ino: u64, from: u64, to: u64 },
     /// Durability barrier for everything before it on this backend.
     Sync,
+    /// Send what a buffering backend holds in memory for keys starting with this prefix.
+    Flush { prefix: String },
 }
 
 impl Mutation {
@@ -127,6 +129,7 @@ impl Mutation {
                 Ok(())
             }
             Mutation::Sync => store.sync(),
+            Mutation::Flush { prefix } => store.flush(prefix),
         }
     }
 
@@ -142,7 +145,7 @@ impl Mutation {
             Mutation::TrimBlocks { ino, from, to } => {
                 out.extend((*from..*to).map(|i| layout::block_key(*ino, i)))
             }
-            Mutation::Sync => {}
+            Mutation::Sync | Mutation::Flush { .. } => {}
         }
     }
 }
@@ -277,6 +280,9 @@ pub struct MirrorOptions {
     pub read_only: bool,
     /// Allow a read-write start although a member that may be current is missing.
     pub allow_missing: bool,
+    /// Memory for partial data blocks held for backends that cannot write byte ranges
+    /// (see [`crate::store::BufferedStore`]).
+    pub write_buffer: usize,
 }
 
 impl Default for MirrorOptions {
@@ -286,6 +292,7 @@ impl Default for MirrorOptions {
             min_optimal: 1,
             read_only: false,
             allow_missing: false,
+            write_buffer: 256 << 20,
         }
     }
 }
@@ -335,6 +342,8 @@ pub struct Mirror {
     scrub: Mutex<Option<Arc<ScrubProgress>>>,
     /// Crash journal bookkeeping (see [`journal`]).
     journal: Mutex<journal::JournalState>,
+    /// Memory shared by the write buffers of backends that cannot write byte ranges.
+    budget: Arc<WriteBudget>,
 }
 
 impl Mirror {
@@ -375,9 +384,10 @@ impl Mirror {
             check_no_current_member_missing(&newest, &present)?;
         }
 
+        let budget = WriteBudget::new(opts.write_buffer);
         let mut backends = Vec::new();
         for ((location, store), sb) in stores.into_iter().zip(&sbs) {
-            let store = wrap_store(store, &newest);
+            let store = buffer_store(wrap_store(store, &newest), &newest, &budget);
             let state = start_state(sb, &newest);
             if let BackendState::Degraded(reason) = &state {
                 warn!(
@@ -407,6 +417,7 @@ impl Mirror {
             key_locker: std::sync::OnceLock::new(),
             scrub: Mutex::new(None),
             journal: Mutex::new(journal::JournalState::new()),
+            budget,
         };
         if mirror.optimal_count() == 0 {
             return Err(OpenError("no backend is current".into()));
@@ -1124,6 +1135,21 @@ impl Mirror {
         self.read(move |s| s.list(&prefix))
     }
 
+    /// True when some optimal backend holds data of keys starting with `prefix` in memory
+    /// (a buffering backend: see [`BufferedStore`]); a [`Mutation::Flush`] sends it.
+    pub fn has_pending(&self, prefix: &str) -> bool {
+        self.backends
+            .read()
+            .iter()
+            .any(|b| b.store.has_pending(prefix))
+    }
+
+    /// The store as used for a backend added while mounted (see [`recovery`]).
+    fn wrap_new(&self, store: Arc<dyn Store>) -> Arc<dyn Store> {
+        let sb = self.superblock();
+        buffer_store(wrap_store(store, &sb), &sb, &self.budget)
+    }
+
     /// Total and free bytes: the smallest free space of the optimal backends.
     pub fn space(&self) -> Option<(u64, u64)> {
         let optimal = self.optimal();
@@ -1205,6 +1231,19 @@ pub fn wrap_store(store: Arc<dyn Store>, sb: &Superblock) -> Arc<dyn Store> {
         Arc::new(ChecksumStore::new(store, sb.block_size))
     } else {
         store
+    }
+}
+
+/// A backend that cannot write byte ranges gets a write buffer (see [`BufferedStore`]).
+fn buffer_store(
+    store: Arc<dyn Store>,
+    sb: &Superblock,
+    budget: &Arc<WriteBudget>,
+) -> Arc<dyn Store> {
+    if store.ranged_writes() {
+        store
+    } else {
+        Arc::new(BufferedStore::new(store, sb.block_size, Arc::clone(budget)))
     }
 }
 

@@ -150,7 +150,7 @@ impl Mirror {
         if self.recovery_running() {
             return Err("a recovery is already running; wait for it to finish".into());
         }
-        let store = super::wrap_store(store, &self.superblock());
+        let store = self.wrap_new(store);
         let listed = store.list("").map_err(|e| format!("{location}: {e}"))?;
         if !listed.is_empty() {
             return Err(format!("{location} is not empty"));

@@ -11,6 +11,8 @@ use super::{Store, StoreError, StoreResult};
 pub struct MemoryStore {
     name: String,
     objects: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Behave as an object store that cannot write byte ranges.
+    whole_objects: bool,
 }
 
 impl MemoryStore {
@@ -19,6 +21,16 @@ impl MemoryStore {
         MemoryStore {
             name: name.to_string(),
             objects: Mutex::new(BTreeMap::new()),
+            whole_objects: false,
+        }
+    }
+
+    /// An empty store that says it cannot write byte ranges, like a bucket (its `write_at`
+    /// still works, as a read-modify-write would).
+    pub fn whole_objects(name: &str) -> MemoryStore {
+        MemoryStore {
+            whole_objects: true,
+            ..MemoryStore::new(name)
         }
     }
 
@@ -96,6 +108,6 @@ impl Store for MemoryStore {
     }
 
     fn ranged_writes(&self) -> bool {
-        true
+        !self.whole_objects
     }
 }

@@ -15,11 +15,13 @@
 //! - "Not found" is an answer, not a failure: [`StoreError::NotFound`] never degrades a
 //!   backend.
 
+mod buffered;
 mod checksum;
 mod fault;
 mod local;
 mod memory;
 
+pub use buffered::{BufferedStore, WriteBudget};
 pub use checksum::{open_record, page_sum, seal_record, ChecksumStore, PAGE};
 pub use fault::{FaultKind, FaultStore, Op};
 pub use local::LocalStore;
@@ -128,6 +130,17 @@ pub trait Store: Send + Sync {
     /// trusted as they are. Stores without checksums have nothing to do.
     fn reseal(&self, _key: &str, _from: u64, _to: u64) -> StoreResult<()> {
         Ok(())
+    }
+
+    /// Sends data a store holds in memory (see [`BufferedStore`]) for the keys starting
+    /// with `prefix` to where it belongs. Stores that write through have nothing to do.
+    fn flush(&self, _prefix: &str) -> StoreResult<()> {
+        Ok(())
+    }
+
+    /// True when data of keys starting with `prefix` is held in memory, not yet sent.
+    fn has_pending(&self, _prefix: &str) -> bool {
+        false
     }
 
     /// Takes an exclusive lock that is held until the returned guard is dropped, so that two
