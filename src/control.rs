@@ -235,6 +235,7 @@ pub fn status(mirror: &Mirror, mnt: &Path) -> Value {
             "read_errors": c.read_errors.load(Ordering::Relaxed),
             "write_errors": c.write_errors.load(Ordering::Relaxed),
             "checksum_errors": c.checksum_errors.load(Ordering::Relaxed),
+            "read_latency_us": b.latency_us(),
         }));
     }
     let present: Vec<u32> = mirror.backends().iter().map(|b| b.id).collect();
@@ -251,6 +252,7 @@ pub fn status(mirror: &Mirror, mnt: &Path) -> Value {
             "recovery": Value::Null,
             "last_recovery": Value::Null,
             "reads": 0, "writes": 0, "read_errors": 0, "write_errors": 0, "checksum_errors": 0,
+            "read_latency_us": 0,
         }));
     }
     let scrub = mirror.scrub_progress().map_or(Value::Null, |p| {

@@ -33,8 +33,10 @@
 //!
 //! # Reads
 //!
-//! Reads go to one optimal backend, chosen by a scrambled counter so that load spreads and
-//! every copy is read now and then, with the same deadline. An I/O error or a timeout
+//! Reads go to one optimal backend, chosen by a scrambled counter among those whose measured
+//! latency is close to the best (so that load spreads over local disks, every copy is read
+//! now and then, and a remote bucket is only read when it is as fast or a disk fails), with
+//! the same deadline. An I/O error or a timeout
 //! degrades that backend and the read is retried on the next one. "Not found" is returned
 //! as an answer. A copy that fails its checksum is not a failure of the backend: the read
 //! is answered from another copy, and the bad one is counted and rewritten from a good one
@@ -227,6 +229,8 @@ pub struct Backend {
     state: Mutex<BackendState>,
     pool: WorkerPool,
     pub counters: Counters,
+    /// Moving average of read latency in microseconds (0 until measured).
+    latency: AtomicU64,
     /// What the last recovery of this backend did, once finished.
     pub last_recovery: Mutex<Option<RecoverySummary>>,
 }
@@ -251,8 +255,25 @@ impl Backend {
             store,
             state: Mutex::new(state),
             counters: Counters::default(),
+            latency: AtomicU64::new(0),
             last_recovery: Mutex::new(None),
         }
+    }
+
+    /// Moving average of this backend's read latency, in microseconds (0: not measured).
+    pub fn latency_us(&self) -> u64 {
+        self.latency.load(Ordering::Relaxed)
+    }
+
+    fn note_latency(&self, took: Duration) {
+        let sample = (took.as_micros() as u64).max(1);
+        let old = self.latency.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            (old * 7 + sample) / 8
+        };
+        self.latency.store(new, Ordering::Relaxed);
     }
 
     /// The current state.
@@ -962,16 +983,10 @@ impl Mirror {
         F: Fn(&dyn Store) -> StoreResult<T> + Send + Sync + 'static,
     {
         let f = Arc::new(f);
-        let backends = self.backends();
-        let n = backends.len();
-        // A scrambled counter rather than plain round-robin: a reader whose requests come in
-        // a fixed pattern would otherwise always read a given object from the same backend,
-        // and the copies on the others would never be verified by reads.
-        let start = spread(self.next_read.fetch_add(1, Ordering::Relaxed));
+        let backends = self.read_order();
         let mut last_error = String::from("no optimal backend");
         let mut suspects = Vec::new();
-        for i in 0..n {
-            let backend = &backends[(start + i) % n];
+        for backend in &backends {
             if !backend.is_optimal() {
                 continue;
             }
@@ -1005,6 +1020,34 @@ impl Mirror {
         (Err(MirrorError::Failed(last_error)), suspects)
     }
 
+    /// The backends in the order a read tries them. The first is picked among the fast ones
+    /// (measured read latency at most twice the best, plus 1 ms): in a mirror of local disks
+    /// that is any of them, in a mirror of a local disk and a remote bucket the disk. The
+    /// pick uses a scrambled counter rather than plain round-robin: a reader whose requests
+    /// come in a fixed pattern would otherwise always read a given object from the same
+    /// backend, and the other copies would never be verified by reads. The others follow,
+    /// fastest first, for failover.
+    fn read_order(&self) -> Vec<Arc<Backend>> {
+        let mut backends: Vec<Arc<Backend>> = self
+            .backends()
+            .into_iter()
+            .filter(|b| b.is_optimal())
+            .collect();
+        if backends.is_empty() {
+            return backends;
+        }
+        let best = backends.iter().map(|b| b.latency_us()).min().unwrap_or(0);
+        let near: Vec<usize> = (0..backends.len())
+            .filter(|&i| backends[i].latency_us() <= best * 2 + 1000)
+            .collect();
+        let pick = spread(self.next_read.fetch_add(1, Ordering::Relaxed));
+        let first = near[pick % near.len()];
+        let chosen = backends.swap_remove(first);
+        backends.sort_by_key(|b| b.latency_us());
+        backends.insert(0, chosen);
+        backends
+    }
+
     fn read_one<T, F>(&self, backend: &Arc<Backend>, f: Arc<F>) -> Option<StoreResult<T>>
     where
         T: Send + 'static,
@@ -1015,7 +1058,10 @@ impl Mirror {
         let a = Arc::clone(&answer);
         backend.pool.submit(Box::new(move || {
             b.counters.reads.fetch_add(1, Ordering::Relaxed);
-            a.put(0, f(b.store.as_ref()));
+            let started = Instant::now();
+            let result = f(b.store.as_ref());
+            b.note_latency(started.elapsed());
+            a.put(0, result);
         }));
         answer
             .wait(Instant::now() + self.opts.timeout)
