@@ -106,9 +106,11 @@ pub struct JournalState {
     /// Where the next line goes.
     offset: u64,
     epoch_started: Instant,
-    /// Files written since the last checkpoint, and in the period before it.
+    /// Files written since the last checkpoint.
     written: HashSet<u64>,
-    carried: Vec<u64>,
+    /// [`CHECKPOINT_BYTES`] and [`CHECKPOINT_MIN_AGE`], smaller in tests.
+    pub(super) checkpoint_bytes: u64,
+    pub(super) checkpoint_age: Duration,
 }
 
 impl JournalState {
@@ -118,7 +120,8 @@ impl JournalState {
             offset: 0,
             epoch_started: Instant::now(),
             written: HashSet::new(),
-            carried: Vec::new(),
+            checkpoint_bytes: CHECKPOINT_BYTES,
+            checkpoint_age: CHECKPOINT_MIN_AGE,
         }
     }
 }
@@ -267,13 +270,16 @@ impl Mirror {
     pub(super) fn maybe_checkpoint(&self) {
         {
             let j = self.journal.lock();
-            if j.offset < CHECKPOINT_BYTES || j.epoch_started.elapsed() < CHECKPOINT_MIN_AGE {
+            if j.offset < j.checkpoint_bytes || j.epoch_started.elapsed() < j.checkpoint_age {
                 return;
             }
         }
         let _all = self.switch.write();
-        if self.journal.lock().offset < CHECKPOINT_BYTES {
-            return;
+        {
+            let j = self.journal.lock();
+            if j.offset < j.checkpoint_bytes {
+                return;
+            }
         }
         self.checkpoint_locked();
     }
@@ -300,9 +306,7 @@ impl Mirror {
         let mut j = self.journal.lock();
         let mut carry: Vec<u64> = j.written.drain().collect();
         carry.sort_unstable();
-        let line = seal(&Line::Carry {
-            carry: carry.clone(),
-        });
+        let line = seal(&Line::Carry { carry });
         let batch = Arc::new(vec![
             Mutation::Truncate {
                 key: JOURNAL_KEY.into(),
@@ -324,7 +328,6 @@ impl Mirror {
             b.counters.write_errors.fetch_add(1, Ordering::Relaxed);
             self.set_degraded(&b, format!("write failed: journal checkpoint: {reason}"));
         }
-        j.carried = carry;
         j.offset = line.len() as u64;
         j.epoch_started = Instant::now();
     }

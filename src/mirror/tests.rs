@@ -544,3 +544,48 @@ fn after_a_reboot_an_unclean_mirror_is_compared_and_made_identical() {
     assert_eq!(rig.mem[0].get(&key).unwrap(), rig.mem[1].get(&key).unwrap());
     assert_eq!(m.get(&key).unwrap(), vec![1u8; 9000]);
 }
+
+#[test]
+fn a_full_journal_is_emptied_and_carries_the_files_written() {
+    let rig = Rig::new(2);
+    let m = rig.open(fast());
+    {
+        let mut j = m.journal.lock();
+        j.checkpoint_bytes = 2000;
+        j.checkpoint_age = Duration::ZERO;
+    }
+    for i in 0..60u64 {
+        m.apply(vec![Mutation::WriteAt {
+            key: layout::block_key(0x40 + i % 3, 0),
+            offset: i * 10,
+            data: b"0123456789"[..].into(),
+        }])
+        .unwrap();
+    }
+    for mem in &rig.mem {
+        let data = mem.get(layout::JOURNAL_KEY).unwrap();
+        assert!(
+            data.len() < 4000,
+            "journal not emptied: {} bytes",
+            data.len()
+        );
+        let parsed = journal::parse(&data);
+        assert!(!parsed.carried.is_empty(), "written files carried over");
+        assert!(parsed
+            .carried
+            .is_subset(&[0x40, 0x41, 0x42].into_iter().collect()));
+        assert_eq!(
+            parsed.oks,
+            parsed.entries.keys().copied().collect::<BTreeSet<u64>>()
+        );
+    }
+    // A crash now (no close) is repaired at the next open from the emptied journal.
+    drop(m);
+    let again = rig.open(fast());
+    // Block of file 0x40: written at offsets 0, 30, ..., 570, ten bytes each.
+    assert_eq!(again.get(&layout::block_key(0x40, 0)).unwrap().len(), 580);
+    assert_eq!(
+        rig.mem[0].get(&layout::block_key(0x40, 0)).unwrap(),
+        rig.mem[1].get(&layout::block_key(0x40, 0)).unwrap()
+    );
+}
