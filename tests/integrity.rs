@@ -5,9 +5,9 @@
 //! answer reads only with the right bytes, and repair what a good copy exists for.
 //!
 //! On-disk format relied on (see `src/store/checksum.rs` and `src/layout.rs`):
-//! - data block `b/<ino&0xff>/<ino:016x>.<index:08x>`: a 1024-byte header of one CRC-32C per
-//!   4 KiB page, then the bytes, so byte `o` of the file (in block `o / 1 MiB`) is at raw
-//!   offset `1024 + o % 1 MiB`;
+//! - data block `b/<ino&0xff>/<ino:016x>.<index:08x>`: a 4096-byte header (one CRC-32C per
+//!   4 KiB page, then zeros), then the bytes, so byte `o` of the file (in block `o / 1 MiB`)
+//!   is at raw offset `4096 + o % 1 MiB`;
 //! - inode record `i/<ino&0xff>/<ino:016x>` and directory entry
 //!   `d/<parent&0xff>/<parent:016x>/<hash>`: `<crc32c of the JSON, 8 lower-case hex> <JSON>`,
 //!   possibly followed by padding spaces that the checksum does not cover.
@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 /// Data block size of a default-formatted filesystem.
 const BLOCK: u64 = 1 << 20;
 /// Bytes of a data block object's checksum header (4 per 4 KiB page of a 1 MiB block).
-const HEADER: u64 = 1024;
+const HEADER: u64 = 4096;
 /// Checksummed page size.
 const PAGE: u64 = 4096;
 

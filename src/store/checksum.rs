@@ -5,9 +5,9 @@
 //! chosen by [`layout::key_kind`]:
 //!
 //! - **Data blocks** start with a header of one CRC-32C per 4 KiB page of the block
-//!   (1 KiB for a 1 MiB block), followed by the data. A write of a few bytes rewrites only
-//!   the pages it touches and their header slots, so a 4 KiB write into a large file stays
-//!   a 4 KiB write plus a 4-byte one. Pages are summed as if zero-padded to 4 KiB, and every
+//!   (1 KiB for a 1 MiB block, padded to 4 KiB so that the data is page-aligned), followed
+//!   by the data. A write of a few bytes rewrites only the pages it touches and their
+//!   header slots, so a 4 KiB write into a large file stays a 4 KiB write plus a 4-byte one. Pages are summed as if zero-padded to 4 KiB, and every
 //!   sum is stored XOR the sum of a zero page, so a header slot of zero means "this page
 //!   reads as zeros". That makes holes, growth by `truncate`, and pages past the end of the
 //!   block consistent without writing anything, and it means a block cut short by damage is
@@ -48,7 +48,11 @@ const RECORD_PREFIX: usize = 9;
 /// A store whose objects carry checksums that every read verifies.
 pub struct ChecksumStore {
     inner: Arc<dyn Store>,
-    /// Bytes of a data block's header: 4 per page.
+    /// Pages in a data block, and so checksum slots in its header.
+    pages: usize,
+    /// Bytes of a data block's header: 4 per page, rounded up to a whole page so that the
+    /// data that follows is page-aligned in the backend's file (a 4 KiB write is then one
+    /// aligned block write for the backend filesystem, never a read-modify-write of two).
     header: usize,
 }
 
@@ -110,9 +114,11 @@ pub fn open_record(key: &str, stored: &[u8]) -> StoreResult<Vec<u8>> {
 impl ChecksumStore {
     /// Wraps `inner`, whose data blocks hold `block_size` bytes.
     pub fn new(inner: Arc<dyn Store>, block_size: u64) -> ChecksumStore {
+        let pages = pages_in(block_size as usize);
         ChecksumStore {
             inner,
-            header: pages_in(block_size as usize) * 4,
+            pages,
+            header: (pages * 4).next_multiple_of(PAGE),
         }
     }
 
@@ -145,14 +151,14 @@ impl ChecksumStore {
                 "{key}: block shorter than its checksum header"
             )));
         }
-        Self::verify(key, 0, &raw[..self.header], &raw[self.header..])?;
+        Self::verify(key, 0, &raw[..self.pages * 4], &raw[self.header..])?;
         raw.drain(..self.header);
         Ok(raw)
     }
 
     fn get_block_range(&self, key: &str, offset: u64, len: usize) -> StoreResult<Vec<u8>> {
         let offset = offset as usize;
-        let limit = self.header / 4 * PAGE;
+        let limit = self.pages * PAGE;
         if len == 0 || offset >= limit {
             // Nothing to verify; still answer "not found" for a missing block.
             self.inner.size(key)?;
@@ -195,7 +201,7 @@ impl ChecksumStore {
     }
 
     fn put_block(&self, key: &str, data: &[u8], create: bool) -> StoreResult<()> {
-        if data.len() > self.header / 4 * PAGE {
+        if data.len() > self.pages * PAGE {
             return Err(StoreError::Io(std::io::Error::other(format!(
                 "{key}: block larger than the block size"
             ))));
@@ -235,7 +241,7 @@ impl ChecksumStore {
             return self.inner.write_at(key, self.header as u64, &[]);
         }
         let end = offset + data.len();
-        if end > self.header / 4 * PAGE {
+        if end > self.pages * PAGE {
             return Err(StoreError::Io(std::io::Error::other(format!(
                 "{key}: write past the end of the block"
             ))));
@@ -266,7 +272,7 @@ impl ChecksumStore {
     }
 
     fn reseal_block(&self, key: &str, from: u64, to: u64) -> StoreResult<()> {
-        let pages = self.header / 4;
+        let pages = self.pages;
         let data_len = (self.inner.size(key)? as usize).saturating_sub(self.header);
         let first = (from as usize / PAGE).min(pages);
         let end = (to.min((pages * PAGE) as u64) as usize)
@@ -504,7 +510,7 @@ mod tests {
         let key = layout::block_key(6, 1);
         let data: Vec<u8> = (0..3 * PAGE).map(|i| i as u8).collect();
         s.put(&key, &data).unwrap();
-        let header = (BLOCK as usize / PAGE) * 4;
+        let header = s.header;
         flip(&inner, &key, header + PAGE + 7);
         assert!(matches!(s.get(&key), Err(StoreError::Corrupt(_))));
         assert!(matches!(
@@ -560,7 +566,7 @@ mod tests {
         let (inner, s) = pair();
         let key = layout::block_key(4, 0);
         s.put(&key, &vec![3u8; 3 * PAGE]).unwrap();
-        let header = (BLOCK as usize / PAGE) * 4;
+        let header = s.header;
         // As a crash between a data write and its checksum: bytes changed, sums not.
         inner
             .write_at(&key, (header + PAGE + 5) as u64, b"new")
