@@ -18,10 +18,13 @@
 mod fault;
 mod local;
 mod memory;
+pub mod remote;
+pub mod spec;
 
 pub use fault::{FaultKind, FaultStore, Op};
 pub use local::LocalStore;
 pub use memory::MemoryStore;
+pub use remote::RemoteStore;
 
 use std::io;
 
