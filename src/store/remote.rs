@@ -19,9 +19,10 @@
 //!   new object.
 //! - `write_at` and `truncate` are read-modify-write: GET the whole object (a missing one is
 //!   empty), change it in memory (gaps read as zeros), PUT it back. A write that starts at 0
-//!   and is at least a whole data block long skips the GET. The mirror only uses them on
-//!   file data blocks (1 MiB), so a 4 KiB write into a file costs a 1 MiB GET and a 1 MiB
-//!   PUT. [`Store::ranged_writes`] is false.
+//!   and is at least a whole data block long skips the GET, and so does a write to one of
+//!   the last 16 blocks this store rewrote (a write-through copy of them is kept; reads never
+//!   use it). The mirror only uses them on file data blocks (1 MiB), so a 4 KiB write into
+//!   a file costs up to a 1 MiB GET and a 1 MiB PUT. [`Store::ranged_writes`] is false.
 //! - `delete` sends a HEAD first, because S3 DELETE succeeds on a missing object and the
 //!   trait must answer [`StoreError::NotFound`].
 //! - `list` lists the parent "directory" of the prefix and filters, and strips the store
@@ -40,8 +41,10 @@
 //!
 //! - No locking: [`Store::lock`] returns `Ok(None)`, so two mounts of one bucket prefix are
 //!   not prevented (they would corrupt each other).
-//! - No in-memory buffering yet: every partial write of a block is a whole-block GET + PUT,
-//!   and small sequential writes to one block repeat that for each write.
+//! - No write buffering yet: every partial write of a block PUTs the whole block, so a
+//!   program writing a file in small pieces (`tar` writes 10 KiB at a time) sends the block
+//!   again for each piece. Coalescing writes would need the fs layer to hold them until
+//!   `close`/`fsync` (a write is acknowledged only once the backends have it).
 //! - [`Store::space`] is unknown (`None`).
 //! - GCS (`gs://`) and Azure (`az://`) are built from the crates' environment variables
 //!   only and are not tested.
@@ -107,6 +110,52 @@ pub struct RemoteStore {
     bucket: String,
     /// The endpoint as shown in messages.
     endpoint: String,
+    /// The last objects changed by `write_at` or `truncate`, as this store PUT them (see
+    /// [`BlockCache`]).
+    cache: BlockCache,
+}
+
+/// Write-through copies of the objects that `write_at` and `truncate` rewrote last, so that
+/// the next partial write of the same block (a sequential writer filling it piece by piece)
+/// need not GET it again. Only ever holds what this store itself PUT; any other change of a
+/// key, and any failed request on it, drops its copy. Reads never use it.
+struct BlockCache {
+    entries: parking_lot::Mutex<Vec<(String, Arc<Vec<u8>>)>>,
+}
+
+/// How many objects [`BlockCache`] keeps (each at most [`CACHE_MAX_OBJECT`] bytes).
+const CACHE_ENTRIES: usize = 16;
+const CACHE_MAX_OBJECT: usize = 2 * WHOLE_BLOCK;
+
+impl BlockCache {
+    fn new() -> BlockCache {
+        BlockCache {
+            entries: parking_lot::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let entries = self.entries.lock();
+        entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_ref().clone())
+    }
+
+    fn forget(&self, key: &str) {
+        self.entries.lock().retain(|(k, _)| k != key);
+    }
+
+    fn remember(&self, key: &str, data: Arc<Vec<u8>>) {
+        let mut entries = self.entries.lock();
+        entries.retain(|(k, _)| k != key);
+        if data.len() <= CACHE_MAX_OBJECT {
+            if entries.len() >= CACHE_ENTRIES {
+                entries.remove(0);
+            }
+            entries.push((key.to_string(), data));
+        }
+    }
 }
 
 /// What a URL asked for, before credentials are resolved.
@@ -501,6 +550,7 @@ impl RemoteStore {
             bucket_url,
             bucket: p.bucket,
             endpoint,
+            cache: BlockCache::new(),
         })
     }
 
@@ -623,18 +673,45 @@ impl RemoteStore {
     }
 
     fn put_bytes(&self, key: &str, data: Vec<u8>) -> StoreResult<()> {
+        self.cache.forget(key);
         let path = self.path(key)?;
         self.run(self.store.put(&path, PutPayload::from(data)))
             .map(|_| ())
             .map_err(|e| self.fail(e))
     }
 
-    /// The whole object, or an empty buffer when it does not exist.
+    /// PUTs the new content of a block and remembers it for the next partial write.
+    fn put_block(&self, key: &str, data: Vec<u8>) -> StoreResult<()> {
+        self.cache.forget(key);
+        let path = self.path(key)?;
+        let data = Arc::new(data);
+        // `Bytes::from_owner` shares the buffer with the cache instead of copying it.
+        let payload = PutPayload::from(bytes::Bytes::from_owner(ArcBytes(Arc::clone(&data))));
+        self.run(self.store.put(&path, payload))
+            .map_err(|e| self.fail(e))?;
+        self.cache.remember(key, data);
+        Ok(())
+    }
+
+    /// The whole object (from the cache when this store wrote it last), or an empty buffer
+    /// when it does not exist.
     fn get_or_empty(&self, key: &str) -> StoreResult<Vec<u8>> {
+        if let Some(data) = self.cache.get(key) {
+            return Ok(data);
+        }
         match self.get(key) {
             Err(StoreError::NotFound) => Ok(Vec::new()),
             other => other,
         }
+    }
+}
+
+/// A shared buffer as the owner of a `Bytes`.
+struct ArcBytes(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for ArcBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
     }
 }
 
@@ -710,7 +787,7 @@ impl Store for RemoteStore {
 
     fn write_at(&self, key: &str, offset: u64, data: &[u8]) -> StoreResult<()> {
         if offset == 0 && data.len() >= WHOLE_BLOCK {
-            return self.put_bytes(key, data.to_vec());
+            return self.put_block(key, data.to_vec());
         }
         let mut obj = self.get_or_empty(key)?;
         let start = usize::try_from(offset)
@@ -720,7 +797,7 @@ impl Store for RemoteStore {
             obj.resize(end, 0);
         }
         obj[start..end].copy_from_slice(data);
-        self.put_bytes(key, obj)
+        self.put_block(key, obj)
     }
 
     fn truncate(&self, key: &str, len: u64) -> StoreResult<()> {
@@ -732,11 +809,12 @@ impl Store for RemoteStore {
             self.get_or_empty(key)?
         };
         obj.resize(len, 0);
-        self.put_bytes(key, obj)
+        self.put_block(key, obj)
     }
 
     fn delete(&self, key: &str) -> StoreResult<()> {
         // S3 DELETE succeeds on a missing object; the trait wants NotFound.
+        self.cache.forget(key);
         self.size(key)?;
         let path = self.path(key)?;
         self.run(self.store.delete(&path)).map_err(|e| self.fail(e))

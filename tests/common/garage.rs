@@ -111,7 +111,7 @@ impl Garage {
         g.start();
         let id = g.cli_ok(&["node", "id", "-q"]);
         let id = id.trim().split('@').next().unwrap().to_string();
-        g.cli_ok(&["layout", "assign", "-z", "dc1", "-c", "10G", &id]);
+        g.cli_ok(&["layout", "assign", "-z", "dc1", "-c", "10GB", &id]);
         g.cli_ok(&["layout", "apply", "--version", "1"]);
         let (key_id, secret) = (g.key_id.clone(), g.secret.clone());
         g.cli_ok(&["key", "import", "--yes", "-n", "test", &key_id, &secret]);
