@@ -461,18 +461,26 @@ fn fnv(b: &[u8]) -> u64 {
 
 #[test]
 fn s3_differential_against_native() {
-    let seed: u64 = std::env::var("MIRRORFS_S3_DIFF_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(42);
+    let seeds: Vec<u64> = match std::env::var("MIRRORFS_S3_DIFF_SEED") {
+        Ok(v) => vec![v.parse().expect("MIRRORFS_S3_DIFF_SEED is a number")],
+        Err(_) => vec![42, 7, 2024],
+    };
     let ops: usize = std::env::var("MIRRORFS_S3_DIFF_OPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(400);
-    // Options in the URL this time: no AWS environment needed.
+        .unwrap_or(500);
     let garage = Garage::start_new();
+    for seed in seeds {
+        differential_run(&garage, seed, ops);
+    }
+}
+
+/// One seeded run on a fresh local + bucket mirror; reproduce with
+/// `MIRRORFS_S3_DIFF_SEED=seed MIRRORFS_S3_DIFF_OPS=ops`.
+fn differential_run(garage: &Garage, seed: u64, ops: usize) {
+    // Options in the URL this time: no AWS environment needed.
     let fx = Fixture::unformatted(1);
-    let url = garage.url_with_options("diff");
+    let url = garage.url_with_options(&format!("diff-{seed}"));
     let out = run_env(
         &["init", &s(&fx.backends[0]), &url],
         &[],
@@ -486,11 +494,16 @@ fn s3_differential_against_native() {
     let mut mount = mount_env(&backends, &fx.mnt, &[], &[]);
     fs::create_dir_all(fx.mnt.join("dir/d2")).unwrap();
     let mut log = Vec::new();
+    let mut succeeded: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     for step in 0..ops {
         let op_seed: u64 = master.gen();
         let (desc, want) = apply_op(&native, op_seed);
         let (_, got) = apply_op(&fx.mnt, op_seed);
         log.push(format!("{step}: {desc} -> {want:?}"));
+        let kind = desc.split(' ').next().unwrap_or("").to_string();
+        let e = succeeded.entry(kind).or_default();
+        e.0 += want.is_ok() as usize;
+        e.1 += 1;
         let tail = log[log.len().saturating_sub(15)..].join("\n");
         assert_eq!(
             want, got,
@@ -507,6 +520,13 @@ fn s3_differential_against_native() {
             mount.unmount();
             mount = mount_env(&backends, &fx.mnt, &[], &[]);
         }
+    }
+    eprintln!("seed {seed}: {ops} ops, (succeeded, total) by kind: {succeeded:?}");
+    for kind in ["write", "read", "truncate", "rename"] {
+        assert!(
+            succeeded[kind].0 >= 5,
+            "too few successful {kind}s: {succeeded:?}"
+        );
     }
     let want = manifest(&native);
     assert_same("end", &want, &manifest(&fx.mnt));
@@ -594,8 +614,13 @@ fn s3_outage_degrades_then_recover_catches_up() {
         line.contains("cannot reach") || line.contains("no answer within"),
         "the reason is shown: {st}"
     );
-    // Writes go on while the server is down.
+    // Writes go on while the server is down (for a while: health checks run too).
+    let down = Instant::now();
     wait_writes(30);
+    while down.elapsed() < Duration::from_secs(5) {
+        wait_writes(1);
+    }
+    assert_eq!(status_of(&p).0, 2, "still degraded while down");
     p.garage.start();
     wait_writes(10);
 
