@@ -840,3 +840,150 @@ impl Listing for Arc<dyn mirrorfs::store::Store> {
         self.list("").expect("list").is_empty()
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// (e) health checks of an idle mount, replace by a bucket, the mount.fuse3 form
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn s3_idle_outage_is_noticed_and_replace_by_a_bucket() {
+    let mut p = Pair::new("idle");
+    let mnt = s(&p.fx.mnt);
+    let src = p.fx.path("src");
+    make_tree(&src, 3, 30);
+    let want = manifest(&src);
+
+    // The form mount.fuse3 runs for an fstab line: no subcommand, a colon list, -o.
+    let list = format!("{}:{}", s(&p.fx.backends[0]), p.url);
+    let out = p.mirrorfs(&[&list, &mnt, "-o", "rw,timeout=3"]);
+    assert_ok(&out, "mirrorfs SOURCE MOUNTPOINT -o ...");
+    let daemon = Daemon::new(&p.fx.mnt);
+    sh(&format!("cp -a {}/. {}/", q(&src), q(&p.fx.mnt)));
+
+    // Nothing is written: the health check alone notices the dead server.
+    p.garage.stop();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, st) = status_of(&p);
+        if code == 2 {
+            assert!(st.contains("cannot reach"), "reason shown: {st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "idle outage not noticed:\n{st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_same("served from the local backend", &want, &manifest(&p.fx.mnt));
+    p.garage.start();
+
+    // Replace the local backend (member 0) by a new bucket prefix, online.
+    let new = p.garage.url("idle-new");
+    let out = p.mirrorfs(&["recover", &mnt, &p.url, "--wait"]);
+    assert_ok(&out, "recover");
+    let out = p.mirrorfs(&["replace", &mnt, "0", &new, "--wait"]);
+    assert_ok(&out, "replace by a bucket");
+    let (code, st) = status_of(&p);
+    assert_eq!(code, 0, "{st}");
+    assert!(st.contains("s3://mirrorfs/idle-new"), "{st}");
+    // A used prefix is refused as a replacement.
+    let out = p.mirrorfs(&["replace", &mnt, "1", &p.url]);
+    assert!(assert_refused(&out, "replace by a used prefix").contains("not empty"));
+    assert!(daemon.stop(), "the daemon exits after unmount");
+
+    for b in [new, p.url.clone()] {
+        let m = p.mount_alone_ro(&b);
+        assert_same(&format!("{b} alone"), &want, &manifest(&p.fx.mnt));
+        m.unmount();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// (f) the Store guarantees, on the store itself
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn s3_store_semantics() {
+    use mirrorfs::store::StoreError;
+    let garage = Garage::start_new();
+    let (location, st) = mirrorfs::store::spec::open_backend(
+        &garage.url_with_options("sem/p/"),
+        mirrorfs::store::spec::Purpose::Format,
+    )
+    .expect("open an empty prefix");
+    assert_eq!(location, "s3://mirrorfs/sem/p");
+    assert!(!st.ranged_writes());
+    assert!(matches!(st.get("a/b"), Err(StoreError::NotFound)));
+    assert!(matches!(st.size("a/b"), Err(StoreError::NotFound)));
+    assert!(matches!(
+        st.get_range("a/b", 0, 4),
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(st.delete("a/b"), Err(StoreError::NotFound)));
+
+    st.put("a/b", b"hello").unwrap();
+    assert_eq!(st.get("a/b").unwrap(), b"hello");
+    assert_eq!(st.size("a/b").unwrap(), 5);
+    assert_eq!(st.get_range("a/b", 1, 3).unwrap(), b"ell");
+    assert_eq!(
+        st.get_range("a/b", 3, 100).unwrap(),
+        b"lo",
+        "past the end: fewer bytes"
+    );
+    assert_eq!(st.get_range("a/b", 5, 10).unwrap(), b"", "at the end: none");
+    assert_eq!(
+        st.get_range("a/b", 50, 10).unwrap(),
+        b"",
+        "beyond the end: none"
+    );
+    st.write_at("a/b", 7, b"xy").unwrap();
+    assert_eq!(
+        st.get("a/b").unwrap(),
+        b"hello\0\0xy",
+        "a gap reads as zeros"
+    );
+    st.write_at("new", 3, b"z").unwrap();
+    assert_eq!(st.get("new").unwrap(), b"\0\0\0z", "write_at creates");
+    st.truncate("a/b", 2).unwrap();
+    assert_eq!(st.get("a/b").unwrap(), b"he");
+    st.truncate("a/b", 4).unwrap();
+    assert_eq!(st.get("a/b").unwrap(), b"he\0\0", "growth reads as zeros");
+    st.truncate("t", 3).unwrap();
+    assert_eq!(st.get("t").unwrap(), b"\0\0\0", "truncate creates");
+    st.put("empty", b"").unwrap();
+    assert_eq!(st.get_range("empty", 0, 10).unwrap(), b"");
+    let block: Vec<u8> = (0..(1 << 20)).map(|i| i as u8).collect();
+    st.write_at("blk", 0, &block).unwrap();
+    st.write_at("blk", 10, b"ab").unwrap();
+    let mut want = block.clone();
+    want[10..12].copy_from_slice(b"ab");
+    assert_eq!(st.get("blk").unwrap(), want);
+    st.create("log/1", b"1").unwrap();
+    st.rewrite("log/10", b"10").unwrap();
+    st.put("logx", b"x").unwrap();
+
+    let mut keys = st.list("log/1").unwrap();
+    keys.sort();
+    assert_eq!(keys, vec!["log/1", "log/10"], "a partial name prefix");
+    let mut all = st.list("").unwrap();
+    all.sort();
+    assert_eq!(
+        all,
+        vec!["a/b", "blk", "empty", "log/1", "log/10", "logx", "new", "t"]
+    );
+    st.sync().unwrap();
+    st.delete("a/b").unwrap();
+    assert!(matches!(st.get("a/b"), Err(StoreError::NotFound)));
+    assert!(st.lock().unwrap().is_none(), "no lock for buckets");
+    assert!(st.check().is_err(), "no superblock yet");
+    st.put("superblock", b"{}").unwrap();
+    assert_eq!(st.check(), Ok(()));
+    // Another prefix of the same bucket sees none of it; this one is no longer empty.
+    let (_, other) = mirrorfs_open("s3://mirrorfs/sem/p2", &garage.envs());
+    assert!(other.list("").unwrap().is_empty());
+    let err = mirrorfs::store::spec::open_backend(
+        &garage.url_with_options("sem/p"),
+        mirrorfs::store::spec::Purpose::Format,
+    )
+    .err()
+    .expect("a used prefix is refused for init");
+    assert_eq!(err, "backend s3://mirrorfs/sem/p is not empty");
+}
