@@ -751,6 +751,22 @@ fn s3_bad_credentials_missing_bucket_and_dead_server() {
     let url = format!("s3://{}/m?profile=mirror", garage.bucket);
     let out = run_env(&["init", &local, &url], &profile_env, t);
     assert_ok(&out, "init with credentials from a profile");
+    // The same profile chosen by AWS_PROFILE; a missing profile is refused.
+    let out = run_env(
+        &["init", &s(&fx.backends[1]), &garage.url("by-env")],
+        &with(&profile_env, "AWS_PROFILE", "mirror"),
+        t,
+    );
+    assert_ok(&out, "init with AWS_PROFILE");
+    fs::remove_dir_all(&fx.backends[1]).unwrap();
+    fs::create_dir(&fx.backends[1]).unwrap();
+    let out = run_env(
+        &["init", &s(&fx.backends[1]), &garage.url("none")],
+        &with(&profile_env, "AWS_PROFILE", "nosuch"),
+        t,
+    );
+    let line = assert_refused(&out, "a missing profile");
+    assert!(line.contains("AWS profile \"nosuch\" not found"), "{line}");
 
     // A formatted prefix is not empty: init refuses it.
     let out = run_env(&["init", &s(&fx.backends[1]), &garage.url("m")], &good, t);
