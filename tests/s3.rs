@@ -1003,3 +1003,43 @@ fn s3_store_semantics() {
     .expect("a used prefix is refused for init");
     assert_eq!(err, "backend s3://mirrorfs/sem/p is not empty");
 }
+
+// ---------------------------------------------------------------------------------------
+// (g) a hung server
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn s3_hung_server_is_degraded_by_the_timeout() {
+    let p = Pair::new("hung");
+    let mnt = p.fx.mnt.clone();
+    let m = p.mount(&["--timeout", "3"]);
+    fs::write(mnt.join("before"), b"before").unwrap();
+    p.garage.pause(true);
+    // A write while nothing answers returns within about the timeout, from the local backend.
+    let t = Instant::now();
+    fs::write(mnt.join("during"), vec![7u8; 300_000]).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "write took {:?}",
+        t.elapsed()
+    );
+    let (code, st) = status_of(&p);
+    assert_eq!(code, 2, "{st}");
+    assert!(st.contains("no answer within"), "{st}");
+    for i in 0..20 {
+        fs::write(mnt.join(format!("f{i}")), format!("{i}")).unwrap();
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "writes took {:?}",
+        t.elapsed()
+    );
+    p.garage.pause(false);
+    let out = p.mirrorfs(&["recover", &s(&mnt), &p.url, "--wait"]);
+    assert_ok(&out, "recover after the server answers again");
+    let whole = manifest(&mnt);
+    m.unmount();
+    let m = p.mount_alone_ro(&p.url);
+    assert_same("the bucket alone", &whole, &manifest(&mnt));
+    m.unmount();
+}

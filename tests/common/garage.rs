@@ -208,6 +208,15 @@ impl Garage {
         }
     }
 
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the server: connections are accepted by the
+    /// kernel but nothing answers, like a hung server.
+    pub fn pause(&self, frozen: bool) {
+        let child = self.child.as_ref().expect("garage is running");
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+        unsafe { libc::kill(child.id() as i32, sig) };
+    }
+
     /// `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.s3_port)
