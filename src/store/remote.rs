@@ -57,6 +57,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
+use object_store::client::{HttpError, HttpErrorKind};
 use object_store::path::Path as ObjPath;
 use object_store::{
     BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload,
@@ -646,19 +647,20 @@ impl RemoteStore {
             };
         }
         let lower = text.to_ascii_lowercase();
+        let http_kind = http_error_kind(e);
         if lower.contains("connection refused") {
             return Failure::Message(format!(
                 "cannot reach {}: connection refused",
                 self.endpoint
             ));
         }
-        if lower.contains("timed out") || lower.contains("timeout") {
+        if http_kind == Some(HttpErrorKind::Timeout) || lower.contains("timed out") {
             return Failure::Message(format!("cannot reach {}: timed out", self.endpoint));
         }
         if lower.contains("dns error") || lower.contains("failed to lookup") {
             return Failure::Message(format!("cannot reach {}: unknown host name", self.endpoint));
         }
-        if lower.contains("connect") {
+        if http_kind == Some(HttpErrorKind::Connect) {
             return Failure::Message(format!("cannot reach {}: {}", self.endpoint, innermost(e)));
         }
         let line = text.lines().next().unwrap_or("").trim().to_string();
@@ -713,6 +715,18 @@ impl AsRef<[u8]> for ArcBytes {
     fn as_ref(&self) -> &[u8] {
         self.0.as_slice()
     }
+}
+
+/// The kind of the HTTP failure behind an error, if it is one.
+fn http_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<HttpErrorKind> {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<HttpError>() {
+            return Some(h.kind());
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// The innermost source of an error, as one line.
