@@ -4,7 +4,8 @@
 //! 1. raw: PUT `MIRRORFS_BENCH_MIB` (default 1024) objects of 1 MiB one after the other with
 //!    `object_store`, then GET them back;
 //! 2. mirror: a mirror of one local directory and a bucket prefix on the same server;
-//!    sequential write of a file of the same size (`dd bs=1M conv=fsync`), then, after an
+//!    sequential write of a file of the same size (`dd bs=1M conv=fsync`), the same with
+//!    `cp` (128 KiB writes, so each 1 MiB block is PUT 8 times, growing), then, after an
 //!    unmount, a remount and dropping the page cache (when root), a cold sequential read.
 //!
 //! Prints MiB/s of each and the ratios mirror/raw. Speed is reported, never asserted.
@@ -127,6 +128,15 @@ fn main() {
         mnt.display()
     ));
     let mirror_write = rate(mib, t.elapsed().as_secs_f64());
+    // `cp` writes 128 KiB at a time: each block is PUT again for each piece.
+    let t = Instant::now();
+    sh(&format!(
+        "cp '{}' '{}/file-cp' && sync '{}/file-cp'",
+        src.display(),
+        mnt.display(),
+        mnt.display()
+    ));
+    let mirror_cp = rate(mib, t.elapsed().as_secs_f64());
     m.unmount();
     let m = mount_env(&backends, &mnt, &[], &envs);
     drop_caches();
@@ -149,6 +159,13 @@ fn main() {
         raw_put,
         mirror_write,
         mirror_write / raw_put
+    );
+    println!(
+        "{:<40} {:>12.1} {:>12.1} {:>8.2}",
+        "sequential write with cp (128 KiB writes)",
+        raw_put,
+        mirror_cp,
+        mirror_cp / raw_put
     );
     println!(
         "{:<40} {:>12.1} {:>12.1} {:>8.2}",

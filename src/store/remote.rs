@@ -45,6 +45,10 @@
 //!   program writing a file in small pieces (`tar` writes 10 KiB at a time) sends the block
 //!   again for each piece. Coalescing writes would need the fs layer to hold them until
 //!   `close`/`fsync` (a write is acknowledged only once the backends have it).
+//! - A request that the mirror gave up on (`--timeout`) is not cancelled on the server: a
+//!   frozen server that resumes may still apply a PUT it received before, possibly after
+//!   `recover` copied the same key, leaving older bytes there. The client-side request
+//!   timeout (30 s) does not close that window.
 //! - [`Store::space`] is unknown (`None`).
 //! - GCS (`gs://`) and Azure (`az://`) are built from the crates' environment variables
 //!   only and are not tested.
