@@ -450,6 +450,30 @@ pub fn resolve_s3(options: &HashMap<String, String>) -> Result<S3Settings, Strin
     Ok(s)
 }
 
+/// Environment variables that give Google Cloud Storage credentials. Without one (or the
+/// application-default credentials file), a GCS client would ask the instance metadata
+/// server, which is never wanted here.
+const GCS_CREDENTIALS: [&str; 4] = [
+    "GOOGLE_SERVICE_ACCOUNT",
+    "GOOGLE_SERVICE_ACCOUNT_PATH",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+];
+
+/// Environment variables that give Azure credentials (see [`GCS_CREDENTIALS`]).
+const AZURE_CREDENTIALS: [&str; 6] = [
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_STORAGE_SAS_KEY",
+    "AZURE_STORAGE_TOKEN",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_STORAGE_USE_EMULATOR",
+];
+
+fn any_env(names: &[&str]) -> bool {
+    names.iter().any(|n| env(n).is_some())
+}
+
 // ----- errors ----------------------------------------------------------------------------
 
 /// The text of an error and all its sources, for classification.
@@ -522,6 +546,15 @@ impl RemoteStore {
                 if !p.options.is_empty() {
                     return Err(format!("{location}: gs:// URLs take no options"));
                 }
+                let adc = std::env::var_os("HOME").map(|h| {
+                    PathBuf::from(h).join(".config/gcloud/application_default_credentials.json")
+                });
+                if !any_env(&GCS_CREDENTIALS) && !adc.is_some_and(|f| f.is_file()) {
+                    return Err(format!(
+                        "{location}: no Google Cloud credentials (set one of {})",
+                        GCS_CREDENTIALS.join(", ")
+                    ));
+                }
                 let built = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_bucket_name(&p.bucket)
                     .with_client_options(client_options(false))
@@ -533,6 +566,13 @@ impl RemoteStore {
             "az" | "azure" => {
                 if !p.options.is_empty() {
                     return Err(format!("{location}: az:// URLs take no options"));
+                }
+                if !any_env(&AZURE_CREDENTIALS) {
+                    return Err(format!(
+                        "{location}: no Azure credentials (set AZURE_STORAGE_ACCOUNT_NAME and \
+                         one of {})",
+                        AZURE_CREDENTIALS.join(", ")
+                    ));
                 }
                 let built = object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_container_name(&p.bucket)
