@@ -678,8 +678,13 @@ impl RemoteStore {
         .iter()
         .any(|m| text.contains(m));
         if denied {
+            let hint = if self.bucket_url.starts_with("s3") {
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+            } else {
+                "the credentials"
+            };
             return Failure::Message(format!(
-                "access denied by {} (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
+                "access denied by {} (check {hint})",
                 self.bucket_url
             ));
         }
