@@ -11,7 +11,7 @@ DEMO_MNT     := $(DEMO)/mnt
 # Integration tests mount real filesystems; a few in parallel keeps 2 cores busy.
 TEST_THREADS ?= 4
 
-.PHONY: all build run test bench lint deps
+.PHONY: all build run test bench bench-s3 lint deps
 
 all: build
 
@@ -54,6 +54,10 @@ test: deps
 ## bench: the mirror benchmark
 bench:
 	$(CARGO) bench --bench mirror_bench
+
+## bench-s3: a bucket backend (local Garage server) against the raw S3 API
+bench-s3: deps
+	$(CARGO) bench --bench s3_bench
 
 ## lint: formatting and clippy, warnings are errors
 lint:

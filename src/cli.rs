@@ -23,7 +23,8 @@ use crate::control::{self, ClientError};
 use crate::fs::Fs;
 use crate::fuse::MirrorFuse;
 use crate::mirror::{Mirror, MirrorOptions};
-use crate::store::{LocalStore, NamedStores, Store};
+use crate::store::spec::{backend_location, open_backend, split_backends, Purpose};
+use crate::store::{NamedStores, Store};
 
 /// Environment variable through which a daemonised mount reports readiness.
 const READY_FD_ENV: &str = "MIRRORFS_READY_FD";
@@ -41,9 +42,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Format empty directories as the backends of one new mirror.
+    /// Format empty directories (or bucket prefixes) as the backends of one new mirror.
     Init {
-        /// Backend directories (each must exist and be empty).
+        /// Backend directories or `s3://bucket/prefix` URLs (each must exist and be empty).
         #[arg(required = true, value_name = "BACKEND")]
         backends: Vec<PathBuf>,
     },
@@ -84,9 +85,9 @@ enum Command {
     /// Check unmounted backends: object graph, link counts, sizes, checksums, and that the
     /// backends agree. Exit 0 clean, 1 problems found and all repaired, 2 damage left.
     Fsck {
-        /// The backends of one filesystem (not mounted).
+        /// The backends of one filesystem (not mounted): directories or bucket URLs.
         #[arg(required = true, value_name = "BACKEND")]
-        backends: Vec<PathBuf>,
+        backends: Vec<String>,
         /// Repair what can be repaired.
         #[arg(long)]
         repair: bool,
@@ -96,7 +97,7 @@ enum Command {
         mountpoint: PathBuf,
         /// The backend to replace (path or member id).
         old: String,
-        /// An existing empty directory.
+        /// An existing empty directory or bucket prefix (`s3://bucket/prefix`).
         new: PathBuf,
         /// Wait (with a progress bar on a terminal) until the new backend is optimal.
         #[arg(long)]
@@ -220,35 +221,17 @@ fn clap_error(e: clap::Error) -> i32 {
 // ----- init ------------------------------------------------------------------------------
 
 fn init(backends: &[PathBuf]) -> Result<(), Fail> {
-    let mut stores = Vec::new();
+    let mut described: Vec<(String, Arc<dyn Store>)> = Vec::new();
     for path in backends {
-        if !path.exists() {
-            return Err(Fail(format!("backend {} does not exist", path.display())));
-        }
-        if !path.is_dir() {
-            return Err(Fail(format!(
-                "backend {} is not a directory",
-                path.display()
-            )));
-        }
-        let mut entries = std::fs::read_dir(path)
-            .map_err(|e| Fail(format!("backend {}: {e}", path.display())))?;
-        if entries.next().is_some() {
-            return Err(Fail(format!("backend {} is not empty", path.display())));
-        }
-        let store = LocalStore::open(path).map_err(|e| Fail(format!("{}: {e}", path.display())))?;
-        if stores.iter().any(|s: &LocalStore| s.root() == store.root()) {
+        let (location, store) = open_backend(&path.to_string_lossy(), Purpose::Format)?;
+        if described.iter().any(|(l, _)| *l == location) {
             return Err(Fail(format!("backend {} is given twice", path.display())));
         }
-        stores.push(store);
+        described.push((location, store));
     }
 
     // SAFETY: getuid/getgid have no preconditions and cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let described: Vec<(String, Arc<dyn Store>)> = stores
-        .into_iter()
-        .map(|s| (s.describe(), Arc::new(s) as Arc<dyn Store>))
-        .collect();
     match crate::mirror::format(&described, &Fs::root_batch(uid, gid)) {
         Ok(uuid) => {
             // Create the lock files now, so that a later read-only mount changes nothing.
@@ -259,16 +242,23 @@ fn init(backends: &[PathBuf]) -> Result<(), Fail> {
             Ok(())
         }
         Err(e) => {
-            for (location, _) in &described {
-                clean_backend(Path::new(location));
+            for (location, store) in &described {
+                clean_backend(location, store.as_ref());
             }
             Err(Fail(format!("cannot format the backends: {e}")))
         }
     }
 }
 
-/// Removes what a failed init wrote, leaving the directory empty again.
-fn clean_backend(root: &Path) {
+/// Removes what a failed init wrote, leaving the directory (or bucket prefix) empty again.
+fn clean_backend(location: &str, store: &dyn Store) {
+    if crate::store::remote::is_url(location) {
+        for key in store.list("").unwrap_or_default() {
+            let _ = store.delete(&key);
+        }
+        return;
+    }
+    let root = Path::new(location);
     if let Ok(entries) = std::fs::read_dir(root) {
         for entry in entries.flatten() {
             let p = entry.path();
@@ -376,16 +366,11 @@ fn mount(args: MountArgs) -> Result<(), Fail> {
     settings.min_optimal = args.min_optimal.or(settings.min_optimal);
     settings.timeout = args.timeout.or(settings.timeout);
     let (mnt, backend_args) = args.paths.split_last().expect("two or more paths");
-    let backends: Vec<PathBuf> = backend_args
+    let backend_args: Vec<String> = backend_args
         .iter()
-        .flat_map(|p| {
-            let s = p.to_string_lossy().into_owned();
-            s.split(':')
-                .filter(|x| !x.is_empty())
-                .map(PathBuf::from)
-                .collect::<Vec<_>>()
-        })
+        .map(|p| p.to_string_lossy().into_owned())
         .collect();
+    let backends = split_backends(&backend_args);
     if backends.is_empty() {
         return Err(Fail("no backend given".into()));
     }
@@ -427,20 +412,15 @@ fn check_mountpoint(mnt: &Path) -> Result<(), Fail> {
     Ok(())
 }
 
-fn open_stores(backends: &[PathBuf]) -> Result<NamedStores, Fail> {
+fn open_stores(backends: &[String]) -> Result<NamedStores, Fail> {
     let mut stores: Vec<(String, Arc<dyn Store>)> = Vec::new();
     for b in backends {
-        if !b.exists() {
-            return Err(Fail(format!("backend {} does not exist", b.display())));
-        }
-        let store =
-            LocalStore::open(b).map_err(|e| Fail(format!("backend {}: {e}", b.display())))?;
-        stores.push((store.describe(), Arc::new(store)));
+        stores.push(open_backend(b, Purpose::Mount)?);
     }
     Ok(stores)
 }
 
-fn run_foreground(backends: &[PathBuf], mnt: &Path, s: MountSettings) -> Result<(), Fail> {
+fn run_foreground(backends: &[String], mnt: &Path, s: MountSettings) -> Result<(), Fail> {
     let stores = open_stores(backends)?;
     let mut opts = MirrorOptions {
         read_only: s.read_only,
@@ -470,7 +450,14 @@ fn run_foreground(backends: &[PathBuf], mnt: &Path, s: MountSettings) -> Result<
     }
 
     let mut config = fuser::Config::default();
-    let source: Vec<String> = backends.iter().map(|b| b.display().to_string()).collect();
+    // URLs without their options, which may hold secrets (the source shows in mountinfo).
+    let source: Vec<String> = backends
+        .iter()
+        .map(|b| match crate::store::remote::is_url(b) {
+            true => backend_location(b),
+            false => b.clone(),
+        })
+        .collect();
     config.mount_options = vec![
         MountOption::FSName(source.join(":")),
         MountOption::Subtype("mirrorfs".into()),
@@ -763,12 +750,10 @@ fn print_status(st: &serde_json::Value) {
 }
 
 /// A backend argument as the mount will understand it: a canonical path when it names an
-/// existing directory, the text itself otherwise (a member id).
+/// existing directory, `scheme://bucket/prefix` for a URL, the text itself otherwise (a
+/// member id).
 fn backend_spec(spec: &str) -> String {
-    match std::fs::canonicalize(spec) {
-        Ok(p) => p.display().to_string(),
-        Err(_) => spec.to_string(),
-    }
+    backend_location(spec)
 }
 
 fn disable(mnt: &Path, backend: &str) -> Result<(), Fail> {
@@ -793,6 +778,25 @@ fn recover(mnt: &Path, backend: &str, wait: bool) -> Result<(), Fail> {
 }
 
 fn replace(mnt: &Path, old: &str, new: &Path, wait: bool) -> Result<(), Fail> {
+    let new_arg = new.to_string_lossy();
+    if crate::store::remote::is_url(&new_arg) {
+        // Opened (and checked empty) by the mount, which has the credentials in use.
+        let req = serde_json::json!({
+            "cmd": "replace",
+            "old": backend_spec(old),
+            "new": new_arg,
+        });
+        let id = ask(mnt, req)?["member"].as_u64().unwrap_or(0);
+        return if wait {
+            wait_optimal(mnt, id)
+        } else {
+            println!(
+                "member {id} is being rebuilt on {}; see mirrorfs status",
+                backend_spec(&new_arg)
+            );
+            Ok(())
+        };
+    }
     if !new.is_dir() {
         return Err(Fail(format!(
             "{} is not an existing directory",
@@ -818,7 +822,7 @@ fn replace(mnt: &Path, old: &str, new: &Path, wait: bool) -> Result<(), Fail> {
     }
 }
 
-fn fsck(backends: &[PathBuf], repair: bool) -> i32 {
+fn fsck(backends: &[String], repair: bool) -> i32 {
     let stores = match open_stores(backends) {
         Ok(s) => s,
         Err(Fail(msg)) => {

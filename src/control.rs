@@ -23,6 +23,7 @@ use log::{debug, warn};
 use serde_json::{json, Value};
 
 use crate::mirror::{BackendState, Mirror};
+use crate::store::spec::{open_backend, Purpose};
 use crate::store::{LocalStore, Store};
 
 /// The directory holding the control sockets of this user's mounts.
@@ -156,6 +157,11 @@ fn resolve(mirror: &Mirror, spec: &str) -> Result<u32, String> {
 
 fn replace(mirror: &Arc<Mirror>, old: &str, new: &str) -> Result<Value, String> {
     let id = resolve(mirror, old)?;
+    if crate::store::remote::is_url(new) {
+        let (location, store) = open_backend(new, Purpose::Format)?;
+        mirror.replace(id, location, store)?;
+        return Ok(json!({"member": id}));
+    }
     let path = std::fs::canonicalize(new).map_err(|e| format!("{new}: {e}"))?;
     if !path.is_dir() {
         return Err(format!("{new} is not a directory"));

@@ -20,12 +20,15 @@ mod checksum;
 mod fault;
 mod local;
 mod memory;
+pub mod remote;
+pub mod spec;
 
 pub use buffered::{BufferedStore, WriteBudget};
 pub use checksum::{open_record, page_sum, seal_record, ChecksumStore, PAGE};
 pub use fault::{FaultKind, FaultStore, Op};
 pub use local::LocalStore;
 pub use memory::MemoryStore;
+pub use remote::RemoteStore;
 
 use std::io;
 

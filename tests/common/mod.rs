@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod garage;
+
 /// Path of the binary under test, built by cargo for integration tests.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_mirrorfs")
