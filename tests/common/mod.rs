@@ -209,6 +209,19 @@ impl Mount {
         );
     }
 
+    /// Kills the mount process with SIGKILL, as a crash would, reaps it, and clears the dead
+    /// mount with a lazy unmount.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.mnt)
+            .status();
+    }
+
     fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
         unmount(&self.mnt);
