@@ -51,9 +51,10 @@ run: deps build
 test: deps
 	$(CARGO) test --release --no-fail-fast -- --test-threads=$(TEST_THREADS)
 
-## bench: the mirror benchmark
-bench:
+## bench: the mirror benchmark, then a bucket backend against the raw S3 API
+bench: deps
 	$(CARGO) bench --bench mirror_bench
+	$(CARGO) bench --bench s3_bench
 
 ## bench-s3: a bucket backend (local Garage server) against the raw S3 API
 bench-s3: deps

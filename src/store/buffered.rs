@@ -14,6 +14,12 @@
 //! Reads of a block with an image are answered from it, so the mount always reads what it
 //! wrote. Other keys, and other kinds of mutation, go straight to the wrapped store.
 //!
+//! Reads of part of a block fetch (and verify) the whole block once and keep the last few
+//! blocks read, so that a file read in 128 KiB pieces costs one request per block rather
+//! than two per piece. Any change of a block drops it from that cache, and a read that
+//! overlapped a change does not keep what it fetched. Whole-object reads ([`Store::get`],
+//! used by scrub, healing and recovery) always go to the store.
+//!
 //! What this changes in the guarantees: on a buffering backend, `write` returns once the
 //! bytes are in the mount's memory; `close`, `fsync` and unmount return only once they are
 //! in the bucket. The crash repair knows this (see [`crate::mirror::journal`]): after a crash
@@ -84,6 +90,48 @@ pub struct BufferedStore {
     block_size: usize,
     budget: Arc<WriteBudget>,
     images: Mutex<HashMap<String, Image>>,
+    /// Whole blocks recently read, verified, so that a file read in pieces costs one
+    /// request per block (see [`ReadCache`]).
+    cache: Mutex<ReadCache>,
+    /// One fetch of a block at a time: the kernel's readahead asks for several pieces of a
+    /// block at once, and they should wait for one request rather than each send one.
+    fetching: Vec<Mutex<()>>,
+}
+
+/// Blocks kept after a read, in order of use; at most [`READ_CACHE_BLOCKS`].
+#[derive(Default)]
+struct ReadCache {
+    blocks: std::collections::VecDeque<(String, Arc<Vec<u8>>)>,
+    /// Bumped by every change of any block: a read that started before a change does not
+    /// put what it fetched into the cache.
+    changes: u64,
+}
+
+/// Blocks kept by the read cache of one buffering backend.
+const READ_CACHE_BLOCKS: usize = 8;
+
+impl ReadCache {
+    fn get(&mut self, key: &str) -> Option<Arc<Vec<u8>>> {
+        let at = self.blocks.iter().position(|(k, _)| k == key)?;
+        let entry = self.blocks.remove(at)?;
+        let data = Arc::clone(&entry.1);
+        self.blocks.push_front(entry);
+        Some(data)
+    }
+
+    fn forget(&mut self, key: &str) {
+        self.changes += 1;
+        self.blocks.retain(|(k, _)| k != key);
+    }
+
+    fn keep(&mut self, key: &str, data: Arc<Vec<u8>>, seen: u64) {
+        if seen != self.changes {
+            return;
+        }
+        self.blocks.retain(|(k, _)| k != key);
+        self.blocks.push_front((key.to_string(), data));
+        self.blocks.truncate(READ_CACHE_BLOCKS);
+    }
 }
 
 impl BufferedStore {
@@ -94,6 +142,8 @@ impl BufferedStore {
             block_size: block_size as usize,
             budget,
             images: Mutex::new(HashMap::new()),
+            cache: Mutex::new(ReadCache::default()),
+            fetching: (0..16).map(|_| Mutex::new(())).collect(),
         }
     }
 
@@ -149,6 +199,7 @@ impl BufferedStore {
 
     /// Drops the image of `key` without sending it.
     fn forget(&self, key: &str) {
+        self.cache.lock().forget(key);
         if self.images.lock().remove(key).is_some() {
             self.budget.give(self.block_size);
         }
@@ -191,6 +242,31 @@ impl Store for BufferedStore {
                 let end = start.saturating_add(len).min(data.len());
                 Ok(data[start..end].to_vec())
             }
+            None if layout::key_kind(key) == KeyKind::Block => {
+                let cached = self.cache.lock().get(key);
+                let block = match cached {
+                    Some(block) => block,
+                    None => {
+                        let stripe = key
+                            .bytes()
+                            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+                        let _one = self.fetching[stripe % self.fetching.len()].lock();
+                        let again = self.cache.lock().get(key);
+                        match again {
+                            Some(block) => block,
+                            None => {
+                                let seen = self.cache.lock().changes;
+                                let block = Arc::new(self.inner.get(key)?);
+                                self.cache.lock().keep(key, Arc::clone(&block), seen);
+                                block
+                            }
+                        }
+                    }
+                };
+                let start = (offset as usize).min(block.len());
+                let end = start.saturating_add(len).min(block.len());
+                Ok(block[start..end].to_vec())
+            }
             None => self.inner.get_range(key, offset, len),
         }
     }
@@ -214,6 +290,7 @@ impl Store for BufferedStore {
         if layout::key_kind(key) != KeyKind::Block {
             return self.inner.write_at(key, offset, data);
         }
+        self.cache.lock().forget(key);
         loop {
             let image = self.image_for_write(key)?;
             let mut content = image.lock();
@@ -241,6 +318,7 @@ impl Store for BufferedStore {
     }
 
     fn truncate(&self, key: &str, len: u64) -> StoreResult<()> {
+        self.cache.lock().forget(key);
         match self.image(key) {
             Some(image) => {
                 image.lock().resize(len as usize, 0);
@@ -364,6 +442,24 @@ mod tests {
         for i in 0..5 {
             assert_eq!(mem.get(&layout::block_key(4, i)).unwrap(), b"data".to_vec());
         }
+    }
+
+    #[test]
+    fn a_block_read_in_pieces_is_fetched_once_and_dropped_when_changed() {
+        let mem = Arc::new(MemoryStore::new("m"));
+        let counted = Arc::new(crate::store::FaultStore::new(Arc::clone(&mem) as _));
+        let s = BufferedStore::new(Arc::clone(&counted) as _, BLOCK, WriteBudget::new(1 << 20));
+        let k = layout::block_key(6, 0);
+        mem.put(&k, &[5u8; 5000]).unwrap();
+        let before = counted.calls();
+        for at in (0..5000).step_by(1000) {
+            assert_eq!(s.get_range(&k, at, 1000).unwrap(), vec![5u8; 1000]);
+        }
+        assert_eq!(counted.calls() - before, 1, "one whole-block read");
+        s.put(&k, &[6u8; 10]).unwrap();
+        assert_eq!(s.get_range(&k, 0, 100).unwrap(), vec![6u8; 10]);
+        s.write_at(&k, 0, b"x").unwrap();
+        assert_eq!(s.get_range(&k, 0, 2).unwrap(), b"x\x06".to_vec());
     }
 
     #[test]
