@@ -26,15 +26,22 @@ struct Victim {
 }
 
 impl Victim {
-    fn start(backends: &[PathBuf], mnt: &Path) -> Victim {
+    /// Starts a mount whose log is appended to `log`.
+    fn start(backends: &[PathBuf], mnt: &Path, log: &Path) -> Victim {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open the mount log");
         let child = Command::new(bin())
             .arg("mount")
             .arg("-f")
             .args(backends)
             .arg(mnt)
+            .env("MIRRORFS_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("spawn mirrorfs mount");
         let mut v = Victim {
@@ -52,16 +59,17 @@ impl Victim {
         v
     }
 
-    /// SIGKILL, then a lazy unmount of the dead mount.
-    fn kill(mut self) {
+    /// SIGKILL. The dead mount stays in place (every access fails) until [`Victim::clear`]:
+    /// a lazy unmount now would let a writer still running write into the directory under
+    /// the mount point instead, and take that for success.
+    fn kill(&mut self) {
         let mut child = self.child.take().expect("running");
         let _ = child.kill();
         let _ = child.wait();
-        let _ = Command::new("fusermount3")
-            .arg("-uz")
-            .arg(&self.mnt)
-            .status();
     }
+
+    /// Removes the dead mount (see `Drop`).
+    fn clear(self) {}
 
     /// A clean unmount; panics unless the process exits successfully.
     fn unmount(mut self) {
@@ -77,6 +85,8 @@ impl Drop for Victim {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if is_mounted(&self.mnt) {
             let _ = Command::new("fusermount3")
                 .arg("-uz")
                 .arg(&self.mnt)
@@ -183,18 +193,27 @@ fn pick(rng: &mut impl Rng, durable: &Durable) -> Option<String> {
     durable.keys().nth(rng.gen_range(0..durable.len())).cloned()
 }
 
-fn check_durable(mnt: &Path, durable: &Durable, round: usize) {
+fn check_durable(mnt: &Path, durable: &Durable) -> Result<(), String> {
     for (name, want) in durable {
         let got = std::fs::read(mnt.join(name))
-            .unwrap_or_else(|e| panic!("round {round}: fsync'ed file {name} unreadable: {e}"));
-        assert!(
-            got == *want,
-            "round {round}: {name} has {} bytes, {} were fsync'ed (first difference at {:?})",
-            got.len(),
-            want.len(),
-            got.iter().zip(want).position(|(a, b)| a != b)
-        );
+            .map_err(|e| format!("fsync'ed file {name} unreadable: {e}"))?;
+        if got != *want {
+            return Err(format!(
+                "{name} has {} bytes, {} were fsync'ed (first difference at {:?})",
+                got.len(),
+                want.len(),
+                got.iter().zip(want).position(|(a, b)| a != b)
+            ));
+        }
     }
+    Ok(())
+}
+
+/// The last lines of the mounts' log, for a failure message.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 #[test]
@@ -210,9 +229,10 @@ fn sigkill_loop_keeps_fsynced_data_and_identical_backends() {
     eprintln!("crash loop: {rounds} rounds, MIRRORFS_CRASH_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let fx = Fixture::new(2);
+    let log = fx.path("mounts.log");
     let mut durable = Durable::new();
     for round in 0..rounds {
-        let victim = Victim::start(&fx.backends, &fx.mnt);
+        let victim = Victim::start(&fx.backends, &fx.mnt, &log);
         let stop = Arc::new(AtomicBool::new(false));
         let writer = {
             let mnt = fx.mnt.clone();
@@ -222,13 +242,20 @@ fn sigkill_loop_keeps_fsynced_data_and_identical_backends() {
             std::thread::spawn(move || workload(&mnt, wseed, before, stop))
         };
         std::thread::sleep(Duration::from_millis(rng.gen_range(100..1200)));
+        let mut victim = victim;
         victim.kill();
         stop.store(true, Ordering::Relaxed);
         durable = writer.join().expect("workload thread");
+        victim.clear();
 
         // The next mount repairs; every fsync'ed byte must be there.
-        let victim = Victim::start(&fx.backends, &fx.mnt);
-        check_durable(&fx.mnt, &durable, round);
+        let victim = Victim::start(&fx.backends, &fx.mnt, &log);
+        if let Err(e) = check_durable(&fx.mnt, &durable) {
+            panic!(
+                "round {round} (seed {seed}): {e}\nmount log:\n{}",
+                log_tail(&log)
+            );
+        }
         victim.unmount();
 
         let fsck = mirrorfs(

@@ -289,7 +289,7 @@ impl Mirror {
         if progress.full {
             self.copy_everything(&source, x, progress)?;
         } else {
-            offset = self.copy_logged(&source, x, progress, 0)?;
+            offset = self.copy_logged(&source, x, progress, 0, false)?;
         }
         self.finish(&source, x, progress, offset)
     }
@@ -301,6 +301,7 @@ impl Mirror {
         x: &Backend,
         progress: &Progress,
         mut offset: usize,
+        last_step: bool,
     ) -> Result<usize, String> {
         loop {
             let (keys, end) = self.read_log(source, x.id, offset)?;
@@ -313,7 +314,7 @@ impl Mirror {
             let bytes: u64 = keys.iter().filter_map(|k| source.store.size(k).ok()).sum();
             progress.bytes_total.fetch_add(bytes, Ordering::Relaxed);
             for key in &keys {
-                self.copy_key(source, x, key, progress, false)?;
+                self.copy_key(source, x, key, progress, false, last_step)?;
             }
             offset = end;
         }
@@ -375,12 +376,13 @@ impl Mirror {
         let bytes: u64 = keys.iter().filter_map(|k| source.store.size(k).ok()).sum();
         progress.bytes_total.store(bytes, Ordering::Relaxed);
         for key in &keys {
-            self.copy_key(source, x, key, progress, true)?;
+            self.copy_key(source, x, key, progress, true, false)?;
         }
         Ok(())
     }
 
     /// Makes `x`'s copy of `key` equal to the source's, under the key's stripe lock.
+    /// `last_step` says the caller holds `switch` exclusively.
     fn copy_key(
         &self,
         source: &Backend,
@@ -388,38 +390,59 @@ impl Mirror {
         key: &str,
         progress: &Progress,
         compare: bool,
+        last_step: bool,
     ) -> Result<(), String> {
         if !x.is_recovering() {
             return Err(format!("interrupted: member {} is {:?}", x.id, x.state()));
         }
         let busy_before = self.foreground.load(Ordering::Relaxed);
         let started = Instant::now();
-        {
-            let _stripe = self.stripes[stripe_of(key)].lock();
-            match self.source_copy(source, x, key) {
-                Ok(data) => {
-                    let same = compare && x.store.get(key).is_ok_and(|old| old == data);
-                    if !same {
-                        x.store
-                            .put(key, &data)
-                            .map_err(|e| format!("writing {key} to {}: {e}", x.location))?;
-                    }
-                    progress
-                        .bytes_done
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
-                Err(StoreError::NotFound) => match x.store.delete(key) {
-                    Ok(()) | Err(StoreError::NotFound) => {}
-                    Err(e) => return Err(format!("deleting {key} on {}: {e}", x.location)),
-                },
-                Err(e) => return Err(format!("reading {key} from {}: {e}", source.location)),
-            }
+        let mut outcome = Ok(());
+        let mut copy = || outcome = self.copy_one(source, x, key, progress, compare);
+        // Under the lock that excludes writes to the key, so that the source's copy is
+        // never read half-written (a checksum mismatch that is not damage). Not in the last
+        // step, which holds `switch`: no write is in flight then, and a writer waiting for
+        // `switch` may hold that lock.
+        match self.key_locker.get() {
+            Some(locker) if !last_step => locker(key, &mut copy),
+            _ => copy(),
         }
+        outcome?;
         let done = progress.objects_done.fetch_add(1, Ordering::Relaxed) + 1;
         progress.log_now(x.id, done);
         if self.foreground.load(Ordering::Relaxed) != busy_before {
             // The mount is busy: leave it at least half of the I/O.
             std::thread::sleep(started.elapsed());
+        }
+        Ok(())
+    }
+
+    fn copy_one(
+        &self,
+        source: &Backend,
+        x: &Backend,
+        key: &str,
+        progress: &Progress,
+        compare: bool,
+    ) -> Result<(), String> {
+        let _stripe = self.stripes[stripe_of(key)].lock();
+        match self.source_copy(source, x, key) {
+            Ok(data) => {
+                let same = compare && x.store.get(key).is_ok_and(|old| old == data);
+                if !same {
+                    x.store
+                        .put(key, &data)
+                        .map_err(|e| format!("writing {key} to {}: {e}", x.location))?;
+                }
+                progress
+                    .bytes_done
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            Err(StoreError::NotFound) => match x.store.delete(key) {
+                Ok(()) | Err(StoreError::NotFound) => {}
+                Err(e) => return Err(format!("deleting {key} on {}: {e}", x.location)),
+            },
+            Err(e) => return Err(format!("reading {key} from {}: {e}", source.location)),
         }
         Ok(())
     }
@@ -463,7 +486,7 @@ impl Mirror {
             return Err(format!("interrupted: member {} is {:?}", x.id, x.state()));
         }
         if !progress.full {
-            self.copy_logged(source, x, progress, offset)?;
+            self.copy_logged(source, x, progress, offset, true)?;
         }
         let others: Vec<u32> = self
             .logs
@@ -473,7 +496,7 @@ impl Mirror {
             .filter(|&id| id != x.id)
             .collect();
         for id in others {
-            self.copy_key(source, x, &layout::missed_key(id), progress, false)?;
+            self.copy_key(source, x, &layout::missed_key(id), progress, false, true)?;
         }
         x.store
             .sync()
