@@ -7,7 +7,8 @@
 //! - **Data blocks** start with a header of one CRC-32C per 4 KiB page of the block
 //!   (1 KiB for a 1 MiB block, padded to 4 KiB so that the data is page-aligned), followed
 //!   by the data. A write of a few bytes rewrites only the pages it touches and their
-//!   header slots, so a 4 KiB write into a large file stays a 4 KiB write plus a 4-byte one. Pages are summed as if zero-padded to 4 KiB, and every
+//!   header slots, so a 4 KiB write into a large file stays a 4 KiB write plus a 4-byte
+//!   one. Pages are summed as if zero-padded to 4 KiB, and every
 //!   sum is stored XOR the sum of a zero page, so a header slot of zero means "this page
 //!   reads as zeros". That makes holes, growth by `truncate`, and pages past the end of the
 //!   block consistent without writing anything, and it means a block cut short by damage is
