@@ -363,8 +363,9 @@ impl Fs {
         Ok(Arc::clone(&self.dirs.entry(ino).or_insert(dir)))
     }
 
-    /// Makes the mirror's scrub check each key under the lock that excludes writes to it:
-    /// the namespace lock for directory entries, the inode's lock for its record and data.
+    /// Makes the mirror's scrub and recovery read each key under the lock that excludes
+    /// writes to it: the namespace lock for directory entries, the inode's lock for its
+    /// record and data.
     pub fn install_key_locker(fs: &Arc<Fs>) {
         let weak = Arc::downgrade(fs);
         fs.mirror

@@ -31,7 +31,8 @@ use super::{Backend, Mirror};
 use crate::layout::{self, KeyKind};
 use crate::store::StoreError;
 
-/// Runs `f` while holding the lock that excludes writes to the object at a key.
+/// Runs `f` while holding the lock that excludes writes to the object at a key (used by
+/// scrub and by recovery).
 pub type KeyLocker = dyn Fn(&str, &mut dyn FnMut()) + Send + Sync;
 
 /// Progress and outcome of a scrub.
