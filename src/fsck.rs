@@ -31,7 +31,7 @@ use crate::layout::{
     SUPERBLOCK_KEY,
 };
 use crate::mirror::wrap_store;
-use crate::store::{NamedStores, Store, StoreError};
+use crate::store::{object_keys, NamedStores, ObjectCopy, Store, StoreError};
 
 /// Name of the directory (in the root) that receives orphaned inodes that still had links.
 pub const LOST_FOUND: &[u8] = b"lost+found";
@@ -93,14 +93,6 @@ struct Member {
     location: String,
     store: Arc<dyn Store>,
     sb: Superblock,
-}
-
-/// One copy of an object on one backend.
-enum Copy {
-    Good(Vec<u8>),
-    Missing,
-    Bad(String),
-    Failed(String),
 }
 
 struct Checker {
@@ -211,40 +203,28 @@ struct Objects {
 
 impl Checker {
     fn check_copies(&mut self) -> Result<Objects, String> {
-        let mut keys = BTreeSet::new();
-        for m in &self.members {
-            let listed = m
-                .store
-                .list("")
-                .map_err(|e| format!("listing {}: {e}", m.location))?;
-            keys.extend(
-                listed
-                    .into_iter()
-                    .filter(|k| layout::key_kind(k) != KeyKind::Raw),
-            );
-        }
+        let keys = object_keys(
+            self.members
+                .iter()
+                .map(|m| (m.location.as_str(), m.store.as_ref())),
+        )?;
         self.report.objects = keys.len();
         let mut objects = Objects::default();
         for key in keys {
-            let copies: Vec<Copy> = self
+            let copies: Vec<ObjectCopy> = self
                 .members
                 .iter()
-                .map(|m| match m.store.get(&key) {
-                    Ok(d) => Copy::Good(d),
-                    Err(StoreError::NotFound) => Copy::Missing,
-                    Err(StoreError::Corrupt(why)) => Copy::Bad(why),
-                    Err(e) => Copy::Failed(e.to_string()),
-                })
+                .map(|m| ObjectCopy::read(m.store.as_ref(), &key))
                 .collect();
-            let reference = copies.iter().position(|c| matches!(c, Copy::Good(_)));
+            let reference = copies.iter().position(|c| matches!(c, ObjectCopy::Good(_)));
             let Some(r) = reference else {
                 for (m, c) in self.members.iter().zip(&copies) {
                     match c {
-                        Copy::Bad(why) => self.report.problem(
+                        ObjectCopy::Bad(why) => self.report.problem(
                             false,
                             format!("{why} on {}, and no good copy exists", m.location),
                         ),
-                        Copy::Failed(why) => self.report.problem(
+                        ObjectCopy::Failed(why) => self.report.problem(
                             false,
                             format!("{key}: cannot read on {}: {why}", m.location),
                         ),
@@ -253,22 +233,22 @@ impl Checker {
                 }
                 continue;
             };
-            let Copy::Good(data) = &copies[r] else {
+            let ObjectCopy::Good(data) = &copies[r] else {
                 unreachable!("reference is a good copy")
             };
             for (i, c) in copies.iter().enumerate() {
                 let what = match c {
-                    Copy::Good(d) if d == data => continue,
-                    Copy::Good(_) => format!(
+                    ObjectCopy::Good(d) if d == data => continue,
+                    ObjectCopy::Good(_) => format!(
                         "{key}: differs between {} and {}",
                         self.members[i].location, self.members[r].location
                     ),
-                    Copy::Missing => format!(
+                    ObjectCopy::Missing => format!(
                         "{key}: missing on {} (present on {})",
                         self.members[i].location, self.members[r].location
                     ),
-                    Copy::Bad(why) => format!("{why} on {}", self.members[i].location),
-                    Copy::Failed(why) => {
+                    ObjectCopy::Bad(why) => format!("{why} on {}", self.members[i].location),
+                    ObjectCopy::Failed(why) => {
                         let m = &self.members[i].location;
                         self.report
                             .problem(false, format!("{key}: cannot read on {m}: {why}"));

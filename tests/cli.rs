@@ -28,42 +28,6 @@ fn snapshot(root: &Path) -> String {
     ))
 }
 
-/// Runs `cmd` to completion with a deadline. A `mirrorfs mount -f` that wrongly succeeds
-/// would run forever: on timeout the process is killed and the test fails (the caller's
-/// [`Daemon`] guard then clears any mount left behind).
-fn run_timed(cmd: &mut Command, timeout: Duration) -> Output {
-    let dir = tempfile::tempdir().unwrap();
-    let out_path = dir.path().join("stdout");
-    let err_path = dir.path().join("stderr");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "command still running after {timeout:?} (it should have failed): {cmd:?}\n\
-                 stderr: {}",
-                std::fs::read_to_string(&err_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: std::fs::read(&out_path).unwrap(),
-        stderr: std::fs::read(&err_path).unwrap(),
-    }
-}
-
 /// Runs `mirrorfs ARGS...` with a 20 s deadline.
 fn cli<I, S>(args: I) -> Output
 where

@@ -48,70 +48,14 @@ fn os(parts: &[&dyn AsRef<OsStr>]) -> Vec<OsString> {
     parts.iter().map(|p| p.as_ref().to_os_string()).collect()
 }
 
-/// Runs `mirrorfs ARGS...` with a deadline; a command still running at the deadline is
-/// killed and the test fails. Output goes to anonymous files, so a chatty command can never
-/// block on a full pipe.
+/// Runs `mirrorfs ARGS...` with a deadline.
 fn run_for(args: &[OsString], timeout: Duration) -> Output {
-    let mut out_f = tempfile::tempfile().expect("tempfile");
-    let mut err_f = tempfile::tempfile().expect("tempfile");
-    let mut child = Command::new(bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(out_f.try_clone().unwrap())
-        .stderr(err_f.try_clone().unwrap())
-        .spawn()
-        .expect("spawn mirrorfs");
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`mirrorfs {args:?}` still running after {timeout:?}; killed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stdout = Vec::new();
-    let mut stderr = Vec::new();
-    out_f.rewind().unwrap();
-    out_f.read_to_end(&mut stdout).unwrap();
-    err_f.rewind().unwrap();
-    err_f.read_to_end(&mut stderr).unwrap();
-    Output {
-        status,
-        stdout,
-        stderr,
-    }
+    run_timed(Command::new(bin()).args(args), timeout)
 }
 
 /// Runs `mirrorfs ARGS...` with a 60 s deadline.
 fn run(args: &[&dyn AsRef<OsStr>]) -> Output {
     run_for(&os(args), Duration::from_secs(60))
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
-
-/// stdout and stderr of a command, for messages.
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-#[track_caller]
-fn assert_ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what}: expected success, got {}:\n{}",
-        out.status,
-        text(out)
-    );
 }
 
 /// Asserts the command failed with exactly one non-empty line of explanation (on stderr, or

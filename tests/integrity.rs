@@ -20,12 +20,12 @@ use common::*;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 use serde_json::Value;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------
 // helpers: on-disk objects
@@ -200,53 +200,9 @@ fn assert_objects_identical(backends: &[PathBuf]) {
 // helpers: commands
 // ---------------------------------------------------------------------------------------
 
-/// Runs `mirrorfs ARGS...`; a command still running after 60 s is killed and the test
-/// fails (a hang guard, not a timing assertion). Output goes to anonymous files.
+/// Runs `mirrorfs ARGS...` with a 60 s hang guard.
 fn run(args: &[&dyn AsRef<OsStr>]) -> Output {
-    let args: Vec<OsString> = args.iter().map(|a| a.as_ref().to_os_string()).collect();
-    let mut out_f = tempfile::tempfile().expect("tempfile");
-    let mut err_f = tempfile::tempfile().expect("tempfile");
-    let mut child = Command::new(bin())
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(out_f.try_clone().unwrap())
-        .stderr(err_f.try_clone().unwrap())
-        .spawn()
-        .expect("spawn mirrorfs");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`mirrorfs {args:?}` still running after 60 s; killed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    out_f.rewind().unwrap();
-    out_f.read_to_end(&mut stdout).unwrap();
-    err_f.rewind().unwrap();
-    err_f.read_to_end(&mut stderr).unwrap();
-    Output {
-        status,
-        stdout,
-        stderr,
-    }
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "--- stdout\n{}--- stderr\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    run_timed(Command::new(bin()).args(args), Duration::from_secs(60))
 }
 
 /// Runs a shell command line that may fail; returns its output.

@@ -21,10 +21,10 @@
 mod common;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,56 +40,12 @@ use rand::{Rng, SeedableRng};
 
 /// Runs `mirrorfs ARGS` with `envs`, killing it after `timeout`.
 fn run_env(args: &[&str], envs: &[(String, String)], timeout: Duration) -> Output {
-    let mut out_f = tempfile::tempfile().unwrap();
-    let mut err_f = tempfile::tempfile().unwrap();
-    let mut child = Command::new(bin())
-        .args(args)
-        .envs(envs.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(out_f.try_clone().unwrap())
-        .stderr(err_f.try_clone().unwrap())
-        .spawn()
-        .expect("spawn mirrorfs");
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`mirrorfs {args:?}` still running after {timeout:?}; killed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    out_f.rewind().unwrap();
-    out_f.read_to_end(&mut stdout).unwrap();
-    err_f.rewind().unwrap();
-    err_f.read_to_end(&mut stderr).unwrap();
-    Output {
-        status,
-        stdout,
-        stderr,
-    }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    run_timed(
+        Command::new(bin())
+            .args(args)
+            .envs(envs.iter().map(|(k, v)| (k, v))),
+        timeout,
     )
-}
-
-#[track_caller]
-fn assert_ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what}: failed ({}):\n{}",
-        out.status,
-        text(out)
-    );
 }
 
 /// Asserts a refusal with exactly one line `mirrorfs: ...` on stderr; returns the line.

@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Backend, Batch, Mirror, Mutation};
 use crate::layout::{self, InodeRecord, KeyKind, Kind, JOURNAL_KEY};
-use crate::store::StoreError;
+use crate::store::{object_keys, ObjectCopy, StoreError};
 
 /// Journal size above which it is emptied.
 pub const CHECKPOINT_BYTES: u64 = 8 << 20;
@@ -538,47 +538,38 @@ impl Mirror {
     /// Compares every object of the current backends and makes the others equal to the
     /// first good copy, in mount order.
     fn compare_everything(&self, current: &[Arc<Backend>]) -> Result<(), String> {
-        let mut keys = BTreeSet::new();
-        for b in current {
-            let listed = b
-                .store
-                .list("")
-                .map_err(|e| format!("listing {}: {e}", b.location))?;
-            keys.extend(
-                listed
-                    .into_iter()
-                    .filter(|k| layout::key_kind(k) != KeyKind::Raw),
-            );
-        }
+        let keys = object_keys(
+            current
+                .iter()
+                .map(|b| (b.location.as_str(), b.store.as_ref())),
+        )?;
         let mut repaired = 0;
         for key in &keys {
-            let mut source = current.iter().find(|b| b.store.get(key).is_ok());
-            if source.is_none() && layout::key_kind(key) == KeyKind::Block {
+            let mut copies: Vec<ObjectCopy> = current
+                .iter()
+                .map(|b| ObjectCopy::read(b.store.as_ref(), key))
+                .collect();
+            if copies.iter().all(|c| c.good().is_none()) && layout::key_kind(key) == KeyKind::Block
+            {
                 // Torn everywhere (e.g. power lost between data and checksum): keep the
                 // first backend's bytes.
-                let first = &current[0];
-                match first.store.reseal(key, 0, u64::MAX) {
+                match current[0].store.reseal(key, 0, u64::MAX) {
                     Ok(()) | Err(StoreError::NotFound) => {}
                     Err(e) => return Err(format!("repairing {key}: {e}")),
                 }
-                source = Some(first);
+                copies[0] = ObjectCopy::read(current[0].store.as_ref(), key);
             }
-            let Some(source) = source else {
+            let Some(reference) = copies.iter().find_map(ObjectCopy::good) else {
                 warn!("{key}: no good copy on any backend; left for fsck");
                 continue;
             };
-            let before = repaired;
-            for b in current.iter().filter(|b| b.id != source.id) {
-                let same = match (source.store.get(key), b.store.get(key)) {
-                    (Ok(x), Ok(y)) => x == y,
-                    _ => false,
-                };
-                if !same {
+            for (b, copy) in current.iter().zip(&copies) {
+                if copy.good() != Some(reference) {
+                    b.store
+                        .put(key, reference)
+                        .map_err(|e| format!("repairing {key} on {}: {e}", b.location))?;
                     repaired += 1;
                 }
-            }
-            if repaired != before {
-                self.copy_from(source, current, key)?;
             }
         }
         info!(

@@ -20,7 +20,6 @@
 //! it sleeps as long as that key took, so it takes at most about half of the I/O. One scrub
 //! runs at a time; its progress and last summary are part of `status`.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,8 +27,7 @@ use std::time::Instant;
 use log::{error, info, warn};
 
 use super::{Backend, Mirror};
-use crate::layout::{self, KeyKind};
-use crate::store::StoreError;
+use crate::store::{object_keys, ObjectCopy};
 
 /// Runs `f` while holding the lock that excludes writes to the object at a key (used by
 /// scrub and by recovery).
@@ -73,14 +71,6 @@ impl ScrubProgress {
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         (self.bytes_done.load(Ordering::Relaxed) as f64 / secs) as u64
     }
-}
-
-/// What one copy of an object looked like.
-enum Copy {
-    Good(Vec<u8>),
-    Missing,
-    Bad,
-    Failed,
 }
 
 impl Mirror {
@@ -139,18 +129,12 @@ impl Mirror {
     }
 
     fn run_scrub(&self, progress: &ScrubProgress) -> Result<(), String> {
-        let mut keys = BTreeSet::new();
-        for b in self.optimal() {
-            let listed = b
-                .store
-                .list("")
-                .map_err(|e| format!("listing {}: {e}", b.location))?;
-            keys.extend(
-                listed
-                    .into_iter()
-                    .filter(|k| layout::key_kind(k) != KeyKind::Raw),
-            );
-        }
+        let optimal = self.optimal();
+        let keys = object_keys(
+            optimal
+                .iter()
+                .map(|b| (b.location.as_str(), b.store.as_ref())),
+        )?;
         progress
             .objects_total
             .store(keys.len() as u64, Ordering::Relaxed);
@@ -173,35 +157,32 @@ impl Mirror {
     /// Checks one key on every optimal backend and repairs what it can.
     fn scrub_key(&self, key: &str, progress: &ScrubProgress) {
         let backends = self.optimal();
-        let copies: Vec<(Arc<Backend>, Copy)> = backends
+        let copies: Vec<(Arc<Backend>, ObjectCopy)> = backends
             .into_iter()
             .map(|b| {
-                let copy = match b.store.get(key) {
-                    Ok(data) => Copy::Good(data),
-                    Err(StoreError::NotFound) => Copy::Missing,
-                    Err(StoreError::Corrupt(why)) => {
+                let copy = ObjectCopy::read(b.store.as_ref(), key);
+                match &copy {
+                    ObjectCopy::Bad(why) => {
                         b.counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
                         warn!("scrub: backend {} (member {}): {why}", b.location, b.id);
-                        Copy::Bad
                     }
-                    Err(e) => {
-                        warn!("scrub: reading {key} from {}: {e}", b.location);
-                        Copy::Failed
+                    ObjectCopy::Failed(why) => {
+                        warn!("scrub: reading {key} from {}: {why}", b.location)
                     }
-                };
+                    _ => {}
+                }
                 (b, copy)
             })
             .collect();
-        let reference = copies.iter().find_map(|(_, c)| match c {
-            Copy::Good(data) => Some(data),
-            _ => None,
-        });
-        let Some(reference) = reference else {
-            if copies.iter().any(|(_, c)| matches!(c, Copy::Bad)) {
+        let Some(reference) = copies.iter().find_map(|(_, c)| c.good()) else {
+            if copies.iter().any(|(_, c)| matches!(c, ObjectCopy::Bad(_))) {
                 error!("scrub: {key}: no good copy on any backend");
                 progress.unrecoverable.fetch_add(1, Ordering::Relaxed);
             }
-            if copies.iter().any(|(_, c)| matches!(c, Copy::Failed)) {
+            if copies
+                .iter()
+                .any(|(_, c)| matches!(c, ObjectCopy::Failed(_)))
+            {
                 progress.errors.fetch_add(1, Ordering::Relaxed);
             }
             // Missing everywhere: removed since it was listed.
@@ -213,9 +194,9 @@ impl Mirror {
         );
         for (b, copy) in &copies {
             let needs = match copy {
-                Copy::Good(data) => data != reference,
-                Copy::Missing | Copy::Bad => true,
-                Copy::Failed => {
+                ObjectCopy::Good(data) => data != reference,
+                ObjectCopy::Missing | ObjectCopy::Bad(_) => true,
+                ObjectCopy::Failed(_) => {
                     progress.errors.fetch_add(1, Ordering::Relaxed);
                     false
                 }

@@ -68,6 +68,58 @@ impl StoreError {
     }
 }
 
+/// One backend's copy of an object, as a check of the copies (scrub, fsck, crash repair)
+/// sees it.
+#[derive(Debug)]
+pub enum ObjectCopy {
+    /// Read and verified.
+    Good(Vec<u8>),
+    Missing,
+    /// Fails its checksum (why).
+    Bad(String),
+    /// Could not be read (why).
+    Failed(String),
+}
+
+impl ObjectCopy {
+    /// Reads (and so verifies) `store`'s copy of `key`.
+    pub fn read(store: &dyn Store, key: &str) -> ObjectCopy {
+        match store.get(key) {
+            Ok(data) => ObjectCopy::Good(data),
+            Err(StoreError::NotFound) => ObjectCopy::Missing,
+            Err(StoreError::Corrupt(why)) => ObjectCopy::Bad(why),
+            Err(e) => ObjectCopy::Failed(e.to_string()),
+        }
+    }
+
+    /// The bytes of a good copy.
+    pub fn good(&self) -> Option<&Vec<u8>> {
+        match self {
+            ObjectCopy::Good(data) => Some(data),
+            _ => None,
+        }
+    }
+}
+
+/// Every key of the filesystem's objects (not the superblock, logs or journal) held by any
+/// of `stores` (location, store), sorted.
+pub fn object_keys<'a>(
+    stores: impl IntoIterator<Item = (&'a str, &'a dyn Store)>,
+) -> Result<std::collections::BTreeSet<String>, String> {
+    let mut keys = std::collections::BTreeSet::new();
+    for (location, store) in stores {
+        let listed = store
+            .list("")
+            .map_err(|e| format!("listing {location}: {e}"))?;
+        keys.extend(
+            listed
+                .into_iter()
+                .filter(|k| crate::layout::key_kind(k) != crate::layout::KeyKind::Raw),
+        );
+    }
+    Ok(keys)
+}
+
 /// Backends by location, as handed to the mirror.
 pub type NamedStores = Vec<(String, std::sync::Arc<dyn Store>)>;
 

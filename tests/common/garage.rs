@@ -277,20 +277,5 @@ pub fn mount_env(
     extra: &[&str],
     envs: &[(String, String)],
 ) -> Mount {
-    let mut cmd = Command::new(super::bin());
-    cmd.arg("mount").arg("-f");
-    cmd.args(extra);
-    cmd.args(backends);
-    cmd.arg(mnt);
-    cmd.envs(envs.iter().map(|(k, v)| (k, v)));
-    cmd.stdin(Stdio::null());
-    cmd.stdout(Stdio::null());
-    cmd.stderr(Stdio::inherit());
-    let child = cmd.spawn().expect("spawn mirrorfs mount");
-    let mut mount = Mount {
-        mnt: mnt.to_path_buf(),
-        child: Some(child),
-    };
-    mount.wait_live();
-    mount
+    Mount::start_env(backends, mnt, extra, envs)
 }

@@ -32,6 +32,66 @@ where
         .expect("run mirrorfs")
 }
 
+/// Runs `cmd` to completion with a deadline (a hang guard, not a timing assertion): a
+/// command still running after `timeout` is killed and the test fails, showing its stderr.
+/// Output goes to files, so a chatty command never blocks on a full pipe.
+pub fn run_timed(cmd: &mut Command, timeout: Duration) -> Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "command still running after {timeout:?}; killed: {cmd:?}\nstderr: {}",
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: std::fs::read(&out_path).expect("read stdout"),
+        stderr: std::fs::read(&err_path).expect("read stderr"),
+    }
+}
+
+/// The exit code of a command (-1 when killed by a signal).
+pub fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+/// stdout and stderr of a command, for messages.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Asserts a command succeeded, showing its output otherwise.
+#[track_caller]
+pub fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: expected success, got {}:\n{}",
+        out.status,
+        text(out)
+    );
+}
+
 /// Runs a shell command line and panics with its output if it fails.
 pub fn sh(cmd: &str) -> String {
     let out = Command::new("bash")
@@ -167,11 +227,22 @@ pub struct Mount {
 impl Mount {
     /// Starts `mirrorfs mount -f EXTRA... BACKENDS... MNT` and waits until the mount is live.
     pub fn start(backends: &[PathBuf], mnt: &Path, extra: &[&str]) -> Mount {
+        Mount::start_env(backends, mnt, extra, &[])
+    }
+
+    /// [`Mount::start`] with extra environment variables for the mount process.
+    pub fn start_env<B: AsRef<std::ffi::OsStr>>(
+        backends: &[B],
+        mnt: &Path,
+        extra: &[&str],
+        envs: &[(String, String)],
+    ) -> Mount {
         let mut cmd = Command::new(bin());
         cmd.arg("mount").arg("-f");
         cmd.args(extra);
         cmd.args(backends);
         cmd.arg(mnt);
+        cmd.envs(envs.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null());
         cmd.stdout(Stdio::null());
         cmd.stderr(Stdio::inherit());
