@@ -28,6 +28,7 @@ struct Victim {
 impl Victim {
     /// Starts a mount whose log is appended to `log`.
     fn start(backends: &[PathBuf], mnt: &Path, log: &Path) -> Victim {
+        let log_path = log;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -51,7 +52,10 @@ impl Victim {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !is_mounted(mnt) {
             if let Some(status) = v.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("mount exited before it was live: {status}");
+                panic!(
+                    "mount exited before it was live: {status}\nmount log:\n{}",
+                    log_tail(log_path)
+                );
             }
             assert!(Instant::now() < deadline, "mount did not become live");
             std::thread::sleep(Duration::from_millis(10));
