@@ -234,9 +234,10 @@ fn init(backends: &[PathBuf]) -> Result<(), Fail> {
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     match crate::mirror::format(&described, &Fs::root_batch(uid, gid)) {
         Ok(uuid) => {
-            // Create the lock files now, so that a later read-only mount changes nothing.
+            // Create the lock files of directories now, so that a later read-only mount
+            // changes nothing (a bucket's lease is only looked at).
             for (_, store) in &described {
-                let _ = store.lock();
+                let _ = store.lock(crate::store::LockIntent::Read);
             }
             println!("formatted {} backend(s) as mirror {uuid}", described.len());
             Ok(())
@@ -484,9 +485,9 @@ fn run_foreground(backends: &[String], mnt: &Path, s: MountSettings) -> Result<(
     let unmounter = session.unmount_callable();
     spawn_signal_handler(unmounter, mnt.to_path_buf())?;
     let _ = report_ready(Ok(()));
-    session
-        .run()
-        .map_err(|e| Fail(format!("session ended with an error: {e}")))?;
+    let ended = session.run();
+    mirror.release_locks();
+    ended.map_err(|e| Fail(format!("session ended with an error: {e}")))?;
     info!("unmounted {}", mnt.display());
     Ok(())
 }

@@ -31,7 +31,7 @@ use crate::layout::{
     SUPERBLOCK_KEY,
 };
 use crate::mirror::wrap_store;
-use crate::store::{object_keys, NamedStores, ObjectCopy, Store, StoreError};
+use crate::store::{object_keys, LockIntent, NamedStores, ObjectCopy, Store, StoreError};
 
 /// Name of the directory (in the root) that receives orphaned inodes that still had links.
 pub const LOST_FOUND: &[u8] = b"lost+found";
@@ -136,8 +136,12 @@ pub fn run(stores: NamedStores, repair: bool) -> Result<Report, String> {
         return Err(format!("{} is given twice", m.location));
     }
     let mut _locks = Vec::new();
+    let intent = match repair {
+        true => LockIntent::Write,
+        false => LockIntent::Read,
+    };
     for m in &all {
-        match m.store.lock() {
+        match m.store.lock(intent) {
             Ok(Some(guard)) => _locks.push(guard),
             Ok(None) => {}
             Err(e) => return Err(format!("{}: {e}", m.location)),

@@ -16,6 +16,7 @@ pub mod control;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;
+pub mod host;
 pub mod layout;
 pub mod mirror;
 pub mod pool;

@@ -17,6 +17,10 @@
 //!   from the bucket; scrub and fsck over a local + bucket mirror; the mount process killed
 //!   while writing in small pieces (held in memory for the bucket) is repaired at the next
 //!   mount, and the bucket then holds exactly what the local backend holds.
+//! - `s3_lease_keeps_a_second_mount_out`: while a mount holds a prefix's lease, a second
+//!   mount (read-write or read-only) and fsck are refused; a killed mount's lease, and a
+//!   stale one of another machine, are taken over; a live foreign one refuses the mount; a
+//!   lease taken over under a live mount degrades the bucket there.
 
 mod common;
 
@@ -943,7 +947,20 @@ fn s3_store_semantics() {
     st.sync().unwrap();
     st.delete("a/b").unwrap();
     assert!(matches!(st.get("a/b"), Err(StoreError::NotFound)));
-    assert!(st.lock().unwrap().is_none(), "no lock for buckets");
+    // The lease: exclusive while held (also against this same process), invisible to
+    // listings, released when dropped; a reader only checks.
+    use mirrorfs::store::LockIntent;
+    let (_, again) = mirrorfs_open("s3://mirrorfs/sem/p", &garage.envs());
+    assert!(again.lock(LockIntent::Read).unwrap().is_none());
+    let lease = st.lock(LockIntent::Write).unwrap().expect("a lease");
+    assert!(!st.list("").unwrap().contains(&".lock".to_string()));
+    for intent in [LockIntent::Write, LockIntent::Read] {
+        let err = again.lock(intent).err().expect("held").to_string();
+        assert!(err.contains("in use by another mirrorfs mount"), "{err}");
+    }
+    drop(lease);
+    assert!(matches!(st.get(".lock"), Err(StoreError::NotFound)));
+    drop(again.lock(LockIntent::Write).unwrap().expect("free again"));
     assert!(st.check().is_err(), "no superblock yet");
     st.put("superblock", b"{}").unwrap();
     assert_eq!(st.check(), Ok(()));
@@ -1064,4 +1081,105 @@ fn s3_checksums_scrub_fsck_and_crash() {
         );
         m.unmount();
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// (h) one mount per bucket prefix: the lease
+// ---------------------------------------------------------------------------------------
+
+/// A lease record of a mount on another machine, renewed `age` seconds ago.
+fn foreign_lease(age: u64) -> Vec<u8> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    serde_json::json!({
+        "token": "someone-else", "host": "elsewhere", "boot_id": "another-boot",
+        "pid": 4242, "start": 1, "renewed": now - age,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn lease_holder(st: &Arc<dyn mirrorfs::store::Store>) -> Option<serde_json::Value> {
+    match st.get(".lock") {
+        Ok(raw) => Some(serde_json::from_slice(&raw).expect("lease is JSON")),
+        Err(mirrorfs::store::StoreError::NotFound) => None,
+        Err(e) => panic!("read the lease: {e}"),
+    }
+}
+
+#[test]
+fn s3_lease_keeps_a_second_mount_out() {
+    let p = Pair::new("lease");
+    let mnt = p.fx.mnt.clone();
+    let other = p.fx.path("other");
+    fs::create_dir(&other).unwrap();
+    let (_, st) = mirrorfs_open(&p.url, &p.garage.envs());
+    let try_mount = |extra: &[&str]| {
+        let mut args = vec!["mount", "-f"];
+        args.extend_from_slice(extra);
+        args.extend([p.url.as_str(), other.to_str().unwrap()]);
+        p.mirrorfs(&args)
+    };
+
+    let m = p.mount(&[]);
+    fs::write(mnt.join("a"), b"a").unwrap();
+    assert_eq!(lease_holder(&st).expect("a lease")["pid"], m.pid());
+    assert!(!st.list("").unwrap().iter().any(|k| k == ".lock"), "listed");
+    // A second mount, read-write or read-only, and fsck are refused, naming the holder.
+    for extra in [&["-o", "degraded"][..], &["-o", "ro"][..]] {
+        let line = assert_refused(&try_mount(extra), &format!("second mount {extra:?}"));
+        assert!(
+            line.contains("in use by another mirrorfs mount")
+                && line.contains(&format!("pid {}", m.pid())),
+            "{line}"
+        );
+    }
+    let line = assert_refused(&p.mirrorfs(&["fsck", &p.url]), "fsck of a mounted bucket");
+    assert!(line.contains("in use"), "{line}");
+
+    // Killed: the next mount on this machine takes the lease over at once.
+    m.kill();
+    let m = p.mount(&[]);
+    assert_eq!(fs::read(mnt.join("a")).unwrap(), b"a");
+    m.unmount();
+    assert!(
+        lease_holder(&st).is_none(),
+        "a clean unmount releases the lease"
+    );
+
+    // A live lease of another machine keeps mounts out; a stale one is taken over.
+    st.put(".lock", &foreign_lease(0)).unwrap();
+    let line = assert_refused(
+        &try_mount(&["-o", "degraded"]),
+        "mount under a foreign lease",
+    );
+    assert!(line.contains("host elsewhere"), "{line}");
+    let line = assert_refused(&try_mount(&["-o", "ro"]), "ro mount under a foreign lease");
+    assert!(line.contains("host elsewhere"), "{line}");
+    st.put(".lock", &foreign_lease(3600)).unwrap();
+    let m = p.mount(&[]);
+    assert_eq!(lease_holder(&st).expect("a lease")["pid"], m.pid());
+
+    // Taken over under a live mount (as when this one was frozen past its expiry): the
+    // mount sees it at its next renewal, degrades the bucket and goes on with the rest.
+    st.put(".lock", &foreign_lease(0)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let (code, text) = status_of(&p);
+        if code == 2 {
+            assert!(text.contains("taken over by another mount"), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a lost lease not noticed:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    fs::write(mnt.join("b"), b"b").unwrap();
+    m.unmount();
+    let holder = lease_holder(&st).expect("the other mount's lease is left alone");
+    assert_eq!(holder["host"], "elsewhere");
 }

@@ -580,13 +580,6 @@ impl Mirror {
     }
 }
 
-/// The id of the running boot of this machine, or empty when unknown.
-pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

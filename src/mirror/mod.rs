@@ -77,7 +77,9 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::layout::{self, MemberRecord, Superblock, SUPERBLOCK_KEY};
 use crate::pool::{Answers, WorkerPool};
-use crate::store::{BufferedStore, ChecksumStore, Store, StoreError, StoreResult, WriteBudget};
+use crate::store::{
+    BufferedStore, ChecksumStore, LockIntent, Store, StoreError, StoreResult, WriteBudget,
+};
 
 pub use recovery::Progress;
 pub use scrub::{KeyLocker, ScrubProgress};
@@ -383,8 +385,12 @@ impl Mirror {
         check_same_filesystem(&stores, &sbs)?;
         // Only now that every backend is known to be right is anything touched.
         let mut locks = Vec::new();
+        let intent = match opts.read_only {
+            true => LockIntent::Read,
+            false => LockIntent::Write,
+        };
         for (location, store) in &stores {
-            match store.lock() {
+            match store.lock(intent) {
                 Ok(Some(guard)) => locks.push(guard),
                 Ok(None) => {}
                 Err(e) => return Err(OpenError(format!("{location}: {e}"))),
@@ -451,7 +457,7 @@ impl Mirror {
             if mirror.opts.read_only {
                 warn!("the filesystem was not unmounted cleanly; a read-write mount repairs it");
             } else {
-                let here = journal::boot_id();
+                let here = crate::host::boot_id();
                 let same_boot = !here.is_empty() && last_boot == here;
                 mirror
                     .repair_after_crash(same_boot)
@@ -514,7 +520,7 @@ impl Mirror {
     fn start_writing(&self) -> Result<(), OpenError> {
         let mut sb = self.sb.lock();
         sb.clean = false;
-        sb.boot_id = journal::boot_id();
+        sb.boot_id = crate::host::boot_id();
         sb.generation += 1;
         sb.next_ino += INO_RESERVATION;
         let reserved = sb.next_ino;
@@ -545,6 +551,14 @@ impl Mirror {
             };
             logs.insert(m.id, len);
         }
+    }
+
+    /// Gives up the backends' locks (a bucket's lease is deleted). Called once the mount is
+    /// gone and nothing writes any more; a process that dies without it loses its `flock`s
+    /// with it, and its bucket leases become stale (`src/store/remote/lease.rs`).
+    pub fn release_locks(&self) {
+        let locks = std::mem::take(&mut *self.locks.lock());
+        drop(locks);
     }
 
     /// Syncs every optimal backend and records a clean shutdown.

@@ -161,7 +161,7 @@ impl Mirror {
                 return Err(format!("member {id} is the last optimal backend"));
             }
         }
-        match store.lock() {
+        match store.lock(crate::store::LockIntent::Write) {
             Ok(Some(guard)) => self.locks.lock().push(guard),
             Ok(None) => {}
             Err(e) => return Err(format!("{location}: {e}")),

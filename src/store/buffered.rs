@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::{Store, StoreResult};
+use super::{LockIntent, Store, StoreResult};
 use crate::layout::{self, KeyKind};
 
 /// Memory for block images, shared by the buffering backends of one mount.
@@ -371,8 +371,8 @@ impl Store for BufferedStore {
         self.inner.reseal(key, from, to)
     }
 
-    fn lock(&self) -> StoreResult<Option<Box<dyn Send + Sync>>> {
-        self.inner.lock()
+    fn lock(&self, intent: LockIntent) -> StoreResult<Option<Box<dyn Send + Sync>>> {
+        self.inner.lock(intent)
     }
 
     fn check(&self) -> Result<(), String> {

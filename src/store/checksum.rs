@@ -37,7 +37,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use super::{Store, StoreError, StoreResult};
+use super::{LockIntent, Store, StoreError, StoreResult};
 use crate::layout::{self, KeyKind};
 
 /// Size of a checksummed page.
@@ -440,8 +440,8 @@ impl Store for ChecksumStore {
         }
     }
 
-    fn lock(&self) -> StoreResult<Option<Box<dyn Send + Sync>>> {
-        self.inner.lock()
+    fn lock(&self, intent: LockIntent) -> StoreResult<Option<Box<dyn Send + Sync>>> {
+        self.inner.lock(intent)
     }
 
     fn check(&self) -> Result<(), String> {

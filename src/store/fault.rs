@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::{Store, StoreError, StoreResult};
+use super::{LockIntent, Store, StoreError, StoreResult};
 
 /// The kinds of store calls a rule can match (`Put` also matches `create` and `rewrite`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -217,8 +217,8 @@ impl Store for FaultStore {
         self.inner.ranged_writes()
     }
 
-    fn lock(&self) -> StoreResult<Option<Box<dyn Send + Sync>>> {
-        self.inner.lock()
+    fn lock(&self, intent: LockIntent) -> StoreResult<Option<Box<dyn Send + Sync>>> {
+        self.inner.lock(intent)
     }
 
     fn check(&self) -> Result<(), String> {

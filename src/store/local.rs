@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use super::{Store, StoreError, StoreResult};
+use super::{LockIntent, Store, StoreError, StoreResult};
 
 /// Objects stored as files below a local directory.
 pub struct LocalStore {
@@ -339,7 +339,9 @@ impl Store for LocalStore {
         true
     }
 
-    fn lock(&self) -> StoreResult<Option<Box<dyn Send + Sync>>> {
+    fn lock(&self, _intent: LockIntent) -> StoreResult<Option<Box<dyn Send + Sync>>> {
+        // An flock changes nothing on disk, so readers take it too: a read-only mount and a
+        // read-write one of the same directory exclude each other.
         // Opened read-only (flock does not need more), so that a mount holds no file of the
         // backend open for writing and its filesystem can be remounted read-only under it.
         let path = self.root.join(".lock");
@@ -459,9 +461,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = LocalStore::open(dir.path()).unwrap();
         let b = LocalStore::open(dir.path()).unwrap();
-        let guard = a.lock().unwrap();
-        assert!(b.lock().is_err());
+        let guard = a.lock(LockIntent::Write).unwrap();
+        assert!(b.lock(LockIntent::Write).is_err());
+        assert!(b.lock(LockIntent::Read).is_err());
         drop(guard);
-        assert!(b.lock().is_ok());
+        assert!(b.lock(LockIntent::Write).is_ok());
     }
 }

@@ -120,6 +120,17 @@ pub fn object_keys<'a>(
     Ok(keys)
 }
 
+/// What the caller of [`Store::lock`] is going to do with the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockIntent {
+    /// Change it: a read-write mount, `fsck --repair`, a new member.
+    Write,
+    /// Only read it: a read-only mount, `fsck` without repair. A store whose lock is an
+    /// object it would have to write (a bucket lease) takes nothing and only checks that no
+    /// one else holds the lock.
+    Read,
+}
+
 /// Backends by location, as handed to the mirror.
 pub type NamedStores = Vec<(String, std::sync::Arc<dyn Store>)>;
 
@@ -199,8 +210,10 @@ pub trait Store: Send + Sync {
     }
 
     /// Takes an exclusive lock that is held until the returned guard is dropped, so that two
-    /// mounts never use one backend at once. Returns `Ok(None)` when the store cannot lock.
-    fn lock(&self) -> StoreResult<Option<Box<dyn Send + Sync>>> {
+    /// mounts never use one backend at once. Returns `Ok(None)` when the store cannot lock,
+    /// or (for [`LockIntent::Read`]) when its lock would have to be written: it then only
+    /// checks that nobody holds it.
+    fn lock(&self, _intent: LockIntent) -> StoreResult<Option<Box<dyn Send + Sync>>> {
         Ok(None)
     }
 

@@ -38,10 +38,15 @@
 //!   credentials or an unreachable server are errors with a one-line reason (see
 //!   [`RemoteStore::open`]).
 //!
+//! - `lock` takes a lease: the object `.lock` below the prefix names the mount that holds
+//!   it and is renewed every 10 s (see [`lease`]). A read-only user only checks that no live
+//!   lease exists. `list` never returns the lease object, and `check` fails once the lease
+//!   was taken over by another mount.
+//!
 //! # Shortcomings
 //!
-//! - No locking: [`Store::lock`] returns `Ok(None)`, so two mounts of one bucket prefix are
-//!   not prevented (they would corrupt each other).
+//! - The lease protects against a second mount only as well as the hosts' clocks agree and
+//!   the server honours conditional writes (see [`lease`]).
 //! - A request that the mirror gave up on (`--timeout`) is not cancelled on the server: a
 //!   frozen server that resumes may still apply a PUT it received before, possibly after
 //!   `recover` copied the same key, leaving older bytes there. The client-side request
@@ -65,7 +70,10 @@ use object_store::{
     RetryConfig,
 };
 
-use super::{Store, StoreError, StoreResult};
+use super::{LockIntent, Store, StoreError, StoreResult};
+
+mod lease;
+use lease::{Holder, LeaseError, LeaseObject, LeaseWatch, LEASE_KEY};
 
 /// Writes this long starting at offset 0 cover any data block: no need to read it first.
 const WHOLE_BLOCK: usize = crate::layout::DEFAULT_BLOCK_SIZE as usize;
@@ -115,6 +123,8 @@ pub struct RemoteStore {
     /// The last objects changed by `write_at` or `truncate`, as this store PUT them (see
     /// [`BlockCache`]).
     cache: BlockCache,
+    /// The leases this store took, to report one that was lost (see [`lease`]).
+    leases: parking_lot::Mutex<Vec<LeaseWatch>>,
 }
 
 /// Write-through copies of the objects that `write_at` and `truncate` rewrote last, so that
@@ -593,6 +603,7 @@ impl RemoteStore {
             bucket: p.bucket,
             endpoint,
             cache: BlockCache::new(),
+            leases: parking_lot::Mutex::new(Vec::new()),
         })
     }
 
@@ -623,6 +634,29 @@ impl RemoteStore {
                 Failure::NotFound => self.no_bucket(),
                 Failure::Message(m) => m,
             }),
+        }
+    }
+
+    fn lease_object(&self) -> StoreResult<LeaseObject> {
+        Ok(LeaseObject {
+            store: Arc::clone(&self.store),
+            path: self.path(LEASE_KEY)?,
+            location: self.location.clone(),
+        })
+    }
+
+    fn lease_error(&self, e: LeaseError) -> StoreError {
+        match e {
+            LeaseError::Busy(_) => StoreError::Io(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!("backend is {e}"),
+            )),
+            LeaseError::Request(e) => self.fail(e),
+            LeaseError::TimedOut => StoreError::Io(io::Error::other(format!(
+                "cannot reach {}: its lease request timed out",
+                self.endpoint
+            ))),
+            LeaseError::Vanished => StoreError::Io(io::Error::other(e.to_string())),
         }
     }
 
@@ -902,7 +936,7 @@ impl Store for RemoteStore {
             .filter_map(|m| {
                 let full = m.location.as_ref();
                 let key = full.get(strip..)?;
-                key.starts_with(prefix).then(|| key.to_string())
+                (key.starts_with(prefix) && key != LEASE_KEY).then(|| key.to_string())
             })
             .collect())
     }
@@ -916,12 +950,27 @@ impl Store for RemoteStore {
         false
     }
 
-    fn lock(&self) -> StoreResult<Option<Box<dyn Send + Sync>>> {
-        // Buckets offer no lock here: two mounts of one bucket prefix are not prevented.
-        Ok(None)
+    fn lock(&self, intent: LockIntent) -> StoreResult<Option<Box<dyn Send + Sync>>> {
+        let object = self.lease_object()?;
+        match intent {
+            LockIntent::Read => match object.check_free() {
+                Ok(()) => Ok(None),
+                Err(e) => Err(self.lease_error(e)),
+            },
+            LockIntent::Write => {
+                let lease = object
+                    .acquire(Holder::this_process())
+                    .map_err(|e| self.lease_error(e))?;
+                self.leases.lock().push(lease.watcher());
+                Ok(Some(Box::new(lease)))
+            }
+        }
     }
 
     fn check(&self) -> Result<(), String> {
+        if let Some(why) = self.leases.lock().iter().find_map(LeaseWatch::lost) {
+            return Err(format!("{}: {why}", self.location));
+        }
         match self.size(CHECK_KEY) {
             Ok(_) => Ok(()),
             Err(StoreError::NotFound) => Err(format!(

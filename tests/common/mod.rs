@@ -266,6 +266,11 @@ impl Mount {
         }
     }
 
+    /// The pid of the mount process.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the mount process runs").id()
+    }
+
     /// A path inside the mount.
     pub fn path(&self, rel: &str) -> PathBuf {
         self.mnt.join(rel)
