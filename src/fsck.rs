@@ -98,6 +98,9 @@ struct Member {
 struct Checker {
     members: Vec<Member>,
     repair: bool,
+    /// A data block with no good copy anywhere gets fresh checksums on the first backend
+    /// (see [`repair_mounted`]).
+    reseal_torn: bool,
     report: Report,
     block_size: u64,
     /// `/lost+found`, when this run created it.
@@ -182,6 +185,7 @@ pub fn run(stores: NamedStores, repair: bool) -> Result<Report, String> {
     let mut checker = Checker {
         members,
         repair,
+        reseal_torn: false,
         report,
         block_size: newest.block_size,
         created_lost_found: None,
@@ -195,6 +199,42 @@ pub fn run(stores: NamedStores, repair: bool) -> Result<Report, String> {
                 .map_err(|e| format!("syncing {}: {e}", m.location))?;
         }
     }
+    Ok(checker.report)
+}
+
+/// The repair a read-write mount runs when it finds the filesystem unclean and its journal
+/// cannot be trusted (the machine rebooted, or no backend keeps one): both passes, repairing,
+/// over `stores`, the mount's current backends as it wraps them (it holds their locks).
+///
+/// Unlike `fsck --repair`, a data block whose copies all fail their checksums is taken as
+/// torn by the crash (power lost between a write's data and its checksum; the write was
+/// never acknowledged, so old and new bytes are both acceptable): the first backend's bytes
+/// get fresh checksums and are copied to the others.
+pub fn repair_mounted(stores: Vec<(String, Arc<dyn Store>)>) -> Result<Report, String> {
+    let mut members = Vec::new();
+    for (location, store) in stores {
+        let sb = store
+            .get(SUPERBLOCK_KEY)
+            .map_err(|e| e.to_string())
+            .and_then(|raw| Superblock::decode(&raw).map_err(|e| e.to_string()))
+            .map_err(|e| format!("{location}: reading the superblock: {e}"))?;
+        members.push(Member {
+            location,
+            store,
+            sb,
+        });
+    }
+    let block_size = members.first().ok_or("no current backend")?.sb.block_size;
+    let mut checker = Checker {
+        members,
+        repair: true,
+        reseal_torn: true,
+        report: Report::default(),
+        block_size,
+        created_lost_found: None,
+    };
+    let objects = checker.check_copies()?;
+    checker.check_graph(objects)?;
     Ok(checker.report)
 }
 
@@ -215,11 +255,26 @@ impl Checker {
         self.report.objects = keys.len();
         let mut objects = Objects::default();
         for key in keys {
-            let copies: Vec<ObjectCopy> = self
+            let mut copies: Vec<ObjectCopy> = self
                 .members
                 .iter()
                 .map(|m| ObjectCopy::read(m.store.as_ref(), &key))
                 .collect();
+            if self.reseal_torn
+                && layout::key_kind(&key) == KeyKind::Block
+                && copies.iter().all(|c| !matches!(c, ObjectCopy::Good(_)))
+            {
+                let first = &self.members[0];
+                match first.store.reseal(&key, 0, u64::MAX) {
+                    Ok(()) | Err(StoreError::NotFound) => {}
+                    Err(e) => return Err(format!("resealing {key} on {}: {e}", first.location)),
+                }
+                self.report.lines.push(format!(
+                    "{key}: torn on every backend; kept the bytes of {}",
+                    first.location
+                ));
+                copies[0] = ObjectCopy::read(first.store.as_ref(), &key);
+            }
             let reference = copies.iter().position(|c| matches!(c, ObjectCopy::Good(_)));
             let Some(r) = reference else {
                 for (m, c) in self.members.iter().zip(&copies) {

@@ -1,7 +1,8 @@
 //! Crash loop: the mount process is killed with SIGKILL at random moments of a write-heavy
 //! workload with fsyncs; after each kill the filesystem is mounted again and must hold every
 //! byte that was fsync'ed (and every acknowledged unlink), its backends must be identical,
-//! and fsck must find nothing.
+//! and fsck must find nothing. About a third of the rounds also pretend that the machine
+//! rebooted, so that the mount checks everything instead of trusting its journal.
 //!
 //! `MIRRORFS_CRASH_ROUNDS` sets the number of rounds (default 12); `MIRRORFS_CRASH_SEED` the
 //! seed (default: random, printed so that a failure can be replayed).
@@ -52,8 +53,14 @@ impl Victim {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !is_mounted(mnt) {
             if let Some(status) = v.child.as_mut().unwrap().try_wait().unwrap() {
+                let df = Command::new("df")
+                    .arg("-h")
+                    .arg(log_path.parent().expect("the log is in the fixture"))
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
                 panic!(
-                    "mount exited before it was live: {status}\nmount log:\n{}",
+                    "mount exited before it was live: {status}\nmount log:\n{}\n{df}",
                     log_tail(log_path)
                 );
             }
@@ -99,6 +106,10 @@ impl Drop for Victim {
     }
 }
 
+/// Above this many bytes of files, the workload removes files instead of adding more, so
+/// that the test's disk use stays bounded however many rounds it runs.
+const DISK_BUDGET: usize = 64 << 20;
+
 /// What the workload may rely on: file name -> content, for files whose last change was
 /// fsync'ed (or whose removal was acknowledged: then they are absent from the map).
 type Durable = BTreeMap<String, Vec<u8>>;
@@ -110,8 +121,9 @@ fn workload(mnt: &Path, seed: u64, mut durable: Durable, stop: Arc<AtomicBool>) 
     let mut serial = 0u64;
     while !stop.load(Ordering::Relaxed) {
         serial += 1;
+        let full = durable.values().map(Vec::len).sum::<usize>() > DISK_BUDGET;
         let step = (|| -> std::io::Result<()> {
-            match rng.gen_range(0..10) {
+            match if full { 8 } else { rng.gen_range(0..10) } {
                 // A new file written in pieces, then fsync'ed.
                 0..=4 => {
                     let name = format!("f{seed:x}-{serial}");
@@ -213,6 +225,18 @@ fn check_durable(mnt: &Path, durable: &Durable) -> Result<(), String> {
     Ok(())
 }
 
+/// Gives the superblocks another boot id than this machine's, as if it had rebooted since
+/// the crash (the page cache survives here, so no data is really lost).
+fn pretend_reboot(backends: &[PathBuf]) {
+    for b in backends {
+        let path = b.join("superblock");
+        let raw = std::fs::read(&path).expect("read the superblock");
+        let mut sb: serde_json::Value = serde_json::from_slice(&raw).expect("superblock JSON");
+        sb["boot_id"] = "a boot before the crash".into();
+        std::fs::write(&path, serde_json::to_vec_pretty(&sb).unwrap()).expect("write it");
+    }
+}
+
 /// The last lines of the mounts' log, for a failure message.
 fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -245,18 +269,24 @@ fn sigkill_loop_keeps_fsynced_data_and_identical_backends() {
             let wseed = rng.gen();
             std::thread::spawn(move || workload(&mnt, wseed, before, stop))
         };
-        std::thread::sleep(Duration::from_millis(rng.gen_range(100..1200)));
+        std::thread::sleep(Duration::from_millis(rng.gen_range(20..1200)));
         let mut victim = victim;
         victim.kill();
         stop.store(true, Ordering::Relaxed);
         durable = writer.join().expect("workload thread");
         victim.clear();
+        // Some rounds pretend the machine rebooted, which makes the mount distrust its
+        // journal and check everything instead.
+        let reboot = rng.gen_bool(0.3);
+        if reboot {
+            pretend_reboot(&fx.backends);
+        }
 
         // The next mount repairs; every fsync'ed byte must be there.
         let victim = Victim::start(&fx.backends, &fx.mnt, &log);
         if let Err(e) = check_durable(&fx.mnt, &durable) {
             panic!(
-                "round {round} (seed {seed}): {e}\nmount log:\n{}",
+                "round {round} (seed {seed}, reboot: {reboot}): {e}\nmount log:\n{}",
                 log_tail(&log)
             );
         }
@@ -269,7 +299,7 @@ fn sigkill_loop_keeps_fsynced_data_and_identical_backends() {
         );
         assert!(
             fsck.status.success(),
-            "round {round} (seed {seed}): fsck found damage:\n{}{}",
+            "round {round} (seed {seed}, reboot: {reboot}): fsck found damage:\n{}{}",
             String::from_utf8_lossy(&fsck.stdout),
             String::from_utf8_lossy(&fsck.stderr)
         );
@@ -286,5 +316,9 @@ fn sigkill_loop_keeps_fsynced_data_and_identical_backends() {
             &trees[1],
         );
     }
-    eprintln!("crash loop: {} files durable at the end", durable.len());
+    eprintln!(
+        "crash loop: {} files, {} bytes durable at the end",
+        durable.len(),
+        durable.values().map(Vec::len).sum::<usize>()
+    );
 }

@@ -35,7 +35,8 @@
 //! starts afresh. The journal only describes what the page cache held, so it is trusted
 //! only when the crash was a crash of the mount process (the machine's boot id, stored in
 //! the superblock, is unchanged). After a reboot, or when no backend keeps a journal (only
-//! object stores), every object is compared instead.
+//! object stores), the mount runs fsck's repair over its backends instead
+//! ([`crate::fsck::repair_mounted`]).
 //!
 //! # Growth
 //!
@@ -54,7 +55,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Backend, Batch, Mirror, Mutation};
 use crate::layout::{self, InodeRecord, KeyKind, Kind, JOURNAL_KEY};
-use crate::store::{object_keys, ObjectCopy, StoreError};
+use crate::store::StoreError;
 
 /// Journal size above which it is emptied.
 pub const CHECKPOINT_BYTES: u64 = 8 << 20;
@@ -535,47 +536,29 @@ impl Mirror {
         Ok(())
     }
 
-    /// Compares every object of the current backends and makes the others equal to the
-    /// first good copy, in mount order.
+    /// Checks and repairs the current backends as `fsck --repair` would: every object is
+    /// compared (the others are made equal to the first good copy, in mount order), then
+    /// the graph: sizes that do not cover their data (sizes changed by `write` reach the
+    /// backends lazily), blocks of files removed just before the crash, link counts.
     fn compare_everything(&self, current: &[Arc<Backend>]) -> Result<(), String> {
-        let keys = object_keys(
-            current
-                .iter()
-                .map(|b| (b.location.as_str(), b.store.as_ref())),
-        )?;
-        let mut repaired = 0;
-        for key in &keys {
-            let mut copies: Vec<ObjectCopy> = current
-                .iter()
-                .map(|b| ObjectCopy::read(b.store.as_ref(), key))
-                .collect();
-            if copies.iter().all(|c| c.good().is_none()) && layout::key_kind(key) == KeyKind::Block
-            {
-                // Torn everywhere (e.g. power lost between data and checksum): keep the
-                // first backend's bytes.
-                match current[0].store.reseal(key, 0, u64::MAX) {
-                    Ok(()) | Err(StoreError::NotFound) => {}
-                    Err(e) => return Err(format!("repairing {key}: {e}")),
-                }
-                copies[0] = ObjectCopy::read(current[0].store.as_ref(), key);
-            }
-            let Some(reference) = copies.iter().find_map(ObjectCopy::good) else {
-                warn!("{key}: no good copy on any backend; left for fsck");
-                continue;
-            };
-            for (b, copy) in current.iter().zip(&copies) {
-                if copy.good() != Some(reference) {
-                    b.store
-                        .put(key, reference)
-                        .map_err(|e| format!("repairing {key} on {}: {e}", b.location))?;
-                    repaired += 1;
+        let stores = current
+            .iter()
+            .map(|b| (b.location.clone(), Arc::clone(&b.store)))
+            .collect();
+        let report = crate::fsck::repair_mounted(stores)?;
+        for line in &report.lines {
+            warn!("after the unclean shutdown: {line}");
+        }
+        info!("after the unclean shutdown: {}", report.summary());
+        // The repair may have given /lost+found an inode number: never hand it out again.
+        let mut sb = self.sb.lock();
+        for b in current {
+            if let Ok(on_disk) = b.store.get(layout::SUPERBLOCK_KEY) {
+                if let Ok(on_disk) = layout::Superblock::decode(&on_disk) {
+                    sb.next_ino = sb.next_ino.max(on_disk.next_ino);
                 }
             }
         }
-        info!(
-            "compared {} objects after the unclean shutdown; {repaired} copies repaired",
-            keys.len()
-        );
         Ok(())
     }
 }

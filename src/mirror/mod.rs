@@ -522,6 +522,8 @@ impl Mirror {
         sb.clean = false;
         sb.boot_id = crate::host::boot_id();
         sb.generation += 1;
+        // A crash repair may have raised `next_ino` since `ino` was set up.
+        let first = sb.next_ino;
         sb.next_ino += INO_RESERVATION;
         let reserved = sb.next_ino;
         self.refresh_member_table(&mut sb);
@@ -536,7 +538,10 @@ impl Mirror {
         self.write_superblocks(&mut sb, |_| vec![delete_journal()])
             .map_err(|e| OpenError(format!("cannot write superblocks: {e}")))?;
         drop(sb);
-        self.ino.lock().limit = reserved;
+        let mut ino = self.ino.lock();
+        ino.next = ino.next.max(first);
+        ino.limit = reserved;
+        drop(ino);
         info!("mounted read-write");
         Ok(())
     }
