@@ -475,12 +475,16 @@ impl Mirror {
         current: &[Arc<Backend>],
         key: &str,
     ) -> Result<(), String> {
-        let wanted = match source.store.get(key) {
-            Ok(d) => Some(d),
-            Err(StoreError::NotFound) => None,
+        // `skip`: the backend whose copy is spread, which needs no comparison.
+        let (wanted, skip) = match source.store.get(key) {
+            Ok(d) => (Some(d), Some(source.id)),
+            Err(StoreError::NotFound) => (None, Some(source.id)),
+            Err(StoreError::Corrupt(why)) => {
+                (Some(self.good_copy_for_repair(current, key, &why)?), None)
+            }
             Err(e) => return Err(format!("reading {key} from {}: {e}", source.location)),
         };
-        for b in current.iter().filter(|b| b.id != source.id) {
+        for b in current.iter().filter(|b| Some(b.id) != skip) {
             let result = match &wanted {
                 Some(d) => match b.store.get(key) {
                     Ok(have) if have == *d => Ok(()),
@@ -494,6 +498,31 @@ impl Mirror {
             result.map_err(|e| format!("repairing {key} on {}: {e}", b.location))?;
         }
         Ok(())
+    }
+
+    /// The copy of `key` to spread when the preferred one failed its checksum (`why`): the
+    /// first good copy in mount order; if there is none and `key` is a data block, the first
+    /// backend's bytes with fresh checksums (the block was being written by a batch that
+    /// was never acknowledged, so its bytes, old or new, are acceptable).
+    fn good_copy_for_repair(
+        &self,
+        current: &[Arc<Backend>],
+        key: &str,
+        why: &str,
+    ) -> Result<Vec<u8>, String> {
+        warn!("crash repair: {why}; looking for a good copy");
+        if let Some(d) = current.iter().find_map(|b| b.store.get(key).ok()) {
+            return Ok(d);
+        }
+        if layout::key_kind(key) != KeyKind::Block {
+            return Err(format!("{key}: no good copy on any backend ({why})"));
+        }
+        let first = &current[0];
+        first
+            .store
+            .reseal(key, 0, u64::MAX)
+            .and_then(|()| first.store.get(key))
+            .map_err(|e| format!("repairing {key} on {}: {e}", first.location))
     }
 
     /// Gives each of `inos` (files written lately) a size that covers its data, on every

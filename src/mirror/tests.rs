@@ -589,3 +589,40 @@ fn a_full_journal_is_emptied_and_carries_the_files_written() {
         rig.mem[1].get(&layout::block_key(0x40, 0)).unwrap()
     );
 }
+
+#[test]
+fn a_crash_repair_spreads_a_good_copy_when_the_finished_one_fails_its_checksum() {
+    let rig = Rig::new(2);
+    let key = layout::block_key(9, 0);
+    let bytes: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
+    {
+        let m = rig.open(fast());
+        let write = |from: usize, to: usize| Mutation::WriteAt {
+            key: key.clone(),
+            offset: from as u64,
+            data: bytes[from..to].into(),
+        };
+        m.apply(vec![write(0, 9000)]).unwrap();
+        m.apply(vec![write(20_000, 30_000)]).unwrap();
+        // No close: as if the process died here.
+    }
+    // Backend 1 never wrote the second batch's "done" line, so backend 0's copy is the one
+    // to spread; but a page that batch did not touch has rotted on backend 0.
+    let journal = rig.mem[1].get(layout::JOURNAL_KEY).unwrap();
+    let text = String::from_utf8_lossy(&journal);
+    let ok = text.rfind("{\"ok\":").unwrap();
+    let start = text[..ok].rfind('\n').map_or(0, |i| i + 1);
+    let end = ok + text[ok..].find('\n').unwrap();
+    let mut cut = journal.clone();
+    cut[start..end].fill(0);
+    rig.mem[1].put(layout::JOURNAL_KEY, &cut).unwrap();
+    let mut raw = rig.mem[0].get(&key).unwrap();
+    raw[4096 + 10] ^= 0x40;
+    rig.mem[0].put(&key, &raw).unwrap();
+
+    let m = rig.open(fast());
+    let mut want = bytes.clone();
+    want[9000..20_000].fill(0);
+    assert_eq!(m.get(&key).unwrap(), want);
+    assert_eq!(rig.mem[0].get(&key).unwrap(), rig.mem[1].get(&key).unwrap());
+}

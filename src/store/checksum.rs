@@ -274,7 +274,19 @@ impl ChecksumStore {
 
     fn reseal_block(&self, key: &str, from: u64, to: u64) -> StoreResult<()> {
         let pages = self.pages;
-        let data_len = (self.inner.size(key)? as usize).saturating_sub(self.header);
+        let size = self.inner.size(key)? as usize;
+        if size < self.header {
+            // Cut short before its header was complete (the object was being created): it
+            // holds no data, so it becomes a well-formed empty block, all slots zero.
+            return match self.inner.ranged_writes() {
+                true => self
+                    .inner
+                    .truncate(key, 0)
+                    .and_then(|()| self.inner.truncate(key, self.header as u64)),
+                false => self.inner.put(key, &vec![0u8; self.header]),
+            };
+        }
+        let data_len = size - self.header;
         let first = (from as usize / PAGE).min(pages);
         let end = (to.min((pages * PAGE) as u64) as usize)
             .div_ceil(PAGE)
@@ -470,6 +482,23 @@ mod tests {
         let mut raw = inner.get(key).unwrap();
         raw[at] ^= 0x40;
         inner.put(key, &raw).unwrap();
+    }
+
+    #[test]
+    fn a_block_cut_short_inside_its_header_is_resealed_as_empty() {
+        let (inner, s) = pair();
+        let key = layout::block_key(6, 1);
+        for len in [0usize, 3, 100, 4095] {
+            inner.put(&key, &vec![0xa5; len]).unwrap();
+            assert!(
+                matches!(s.get(&key), Err(StoreError::Corrupt(_))),
+                "{len} bytes"
+            );
+            s.reseal(&key, 0, 10).unwrap();
+            assert_eq!(s.get(&key).unwrap(), Vec::<u8>::new(), "{len} bytes");
+            s.write_at(&key, 5, b"after").unwrap();
+            assert_eq!(s.get(&key).unwrap(), b"\0\0\0\0\0after");
+        }
     }
 
     #[test]
