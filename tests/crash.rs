@@ -4,7 +4,7 @@
 //! and fsck must find nothing. About a third of the rounds also pretend that the machine
 //! rebooted, so that the mount checks everything instead of trusting its journal.
 //!
-//! `MIRRORFS_CRASH_ROUNDS` sets the number of rounds (default 12); `MIRRORFS_CRASH_SEED` the
+//! `MIRRORFS_CRASH_ROUNDS` sets the number of rounds (default 30); `MIRRORFS_CRASH_SEED` the
 //! seed (default: random, printed so that a failure can be replayed).
 
 mod common;
@@ -249,7 +249,7 @@ fn sigkill_loop_keeps_fsynced_data_and_identical_backends() {
     let rounds: usize = std::env::var("MIRRORFS_CRASH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
+        .unwrap_or(30);
     let seed: u64 = std::env::var("MIRRORFS_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
