@@ -627,14 +627,14 @@ fn integrity(root: &Path, mib: usize) {
         }
     }
     report(
-        &format!("seq write {mib} MiB, checksums on vs off"),
+        &format!("seq write {mib} MiB, checksums off | on"),
         best[1][0],
         best[0][0],
         "s",
         1.1,
     );
     report(
-        &format!("seq read {mib} MiB cold, checksums on vs off"),
+        &format!("seq read {mib} MiB cold, checksums off | on"),
         best[1][1],
         best[0][1],
         "s",
