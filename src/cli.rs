@@ -492,9 +492,15 @@ fn run_foreground(backends: &[String], mnt: &Path, s: MountSettings) -> Result<(
     Ok(())
 }
 
-/// Lets the kernel read ahead up to [`crate::fuse::MAX_IO`] bytes per request on this mount
-/// (the default of 128 KiB makes large sequential reads pay the per-request cost eight times
-/// as often). Best effort: needs root, and only changes this mount's own bdi.
+/// How far the kernel reads ahead on a mount: eight blocks of [`crate::fuse::MAX_IO`], sent
+/// as that many requests at once. The kernel's default of 128 KiB makes a sequential read pay
+/// the per-request cost eight times per block, and one block at a time leaves a bucket's
+/// latency per GET exposed (64 MiB read from a bucket alone on a local Garage: 57 MB/s with
+/// 1 MiB, 159 MB/s with 8 MiB); reads from directories are not slower.
+const READAHEAD: u32 = 8 * crate::fuse::MAX_IO;
+
+/// Sets this mount's readahead to [`READAHEAD`]. Best effort: needs root, and only changes
+/// this mount's own bdi.
 fn raise_readahead(mnt: &Path) {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::metadata(mnt) else {
@@ -503,7 +509,7 @@ fn raise_readahead(mnt: &Path) {
     let dev = meta.dev();
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-    let kib = crate::fuse::MAX_IO / 1024;
+    let kib = READAHEAD / 1024;
     if let Err(e) = std::fs::write(&path, format!("{kib}\n")) {
         log::debug!("cannot raise readahead via {path}: {e}");
     }
