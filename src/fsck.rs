@@ -265,15 +265,11 @@ impl Checker {
                 && copies.iter().all(|c| !matches!(c, ObjectCopy::Good(_)))
             {
                 let first = &self.members[0];
-                match first.store.reseal(&key, 0, u64::MAX) {
-                    Ok(()) | Err(StoreError::NotFound) => {}
-                    Err(e) => return Err(format!("resealing {key} on {}: {e}", first.location)),
-                }
                 self.report.lines.push(format!(
                     "{key}: torn on every backend; kept the bytes of {}",
                     first.location
                 ));
-                copies[0] = ObjectCopy::read(first.store.as_ref(), &key);
+                copies[0] = ObjectCopy::resealed(first.store.as_ref(), &key);
             }
             let reference = copies.iter().position(|c| matches!(c, ObjectCopy::Good(_)));
             let Some(r) = reference else {

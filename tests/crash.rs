@@ -53,14 +53,8 @@ impl Victim {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !is_mounted(mnt) {
             if let Some(status) = v.child.as_mut().unwrap().try_wait().unwrap() {
-                let df = Command::new("df")
-                    .arg("-h")
-                    .arg(log_path.parent().expect("the log is in the fixture"))
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default();
                 panic!(
-                    "mount exited before it was live: {status}\nmount log:\n{}\n{df}",
+                    "mount exited before it was live: {status}\nmount log:\n{}",
                     log_tail(log_path)
                 );
             }

@@ -55,7 +55,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Backend, Batch, Mirror, Mutation};
 use crate::layout::{self, InodeRecord, KeyKind, Kind, JOURNAL_KEY};
-use crate::store::StoreError;
+use crate::store::{ObjectCopy, StoreError};
 
 /// Journal size above which it is emptied.
 pub const CHECKPOINT_BYTES: u64 = 8 << 20;
@@ -344,7 +344,7 @@ impl Mirror {
                 if same_boot { "" } else { " across a reboot" },
                 current.len()
             );
-            return self.compare_everything(&current);
+            return self.repair_everything(&current);
         }
         let mut parsed = Vec::new();
         for b in &journaled {
@@ -502,8 +502,7 @@ impl Mirror {
 
     /// The copy of `key` to spread when the preferred one failed its checksum (`why`): the
     /// first good copy in mount order; if there is none and `key` is a data block, the first
-    /// backend's bytes with fresh checksums (the block was being written by a batch that
-    /// was never acknowledged, so its bytes, old or new, are acceptable).
+    /// backend's bytes with fresh checksums ([`ObjectCopy::resealed`]).
     fn good_copy_for_repair(
         &self,
         current: &[Arc<Backend>],
@@ -518,11 +517,10 @@ impl Mirror {
             return Err(format!("{key}: no good copy on any backend ({why})"));
         }
         let first = &current[0];
-        first
-            .store
-            .reseal(key, 0, u64::MAX)
-            .and_then(|()| first.store.get(key))
-            .map_err(|e| format!("repairing {key} on {}: {e}", first.location))
+        match ObjectCopy::resealed(first.store.as_ref(), key) {
+            ObjectCopy::Good(d) => Ok(d),
+            other => Err(format!("repairing {key} on {}: {other:?}", first.location)),
+        }
     }
 
     /// Gives each of `inos` (files written lately) a size that covers its data, on every
@@ -569,7 +567,7 @@ impl Mirror {
     /// compared (the others are made equal to the first good copy, in mount order), then
     /// the graph: sizes that do not cover their data (sizes changed by `write` reach the
     /// backends lazily), blocks of files removed just before the crash, link counts.
-    fn compare_everything(&self, current: &[Arc<Backend>]) -> Result<(), String> {
+    fn repair_everything(&self, current: &[Arc<Backend>]) -> Result<(), String> {
         let stores = current
             .iter()
             .map(|b| (b.location.clone(), Arc::clone(&b.store)))

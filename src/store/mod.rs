@@ -92,6 +92,16 @@ impl ObjectCopy {
         }
     }
 
+    /// Gives `store`'s copy of data block `key` fresh checksums and reads it again: for a
+    /// block whose copies all fail their checksums because a write was cut short by a crash
+    /// (the write was never acknowledged, so its bytes, old or new, are acceptable).
+    pub fn resealed(store: &dyn Store, key: &str) -> ObjectCopy {
+        match store.reseal(key, 0, u64::MAX) {
+            Ok(()) | Err(StoreError::NotFound) => ObjectCopy::read(store, key),
+            Err(e) => ObjectCopy::Failed(format!("cannot reseal it: {e}")),
+        }
+    }
+
     /// The bytes of a good copy.
     pub fn good(&self) -> Option<&Vec<u8>> {
         match self {
